@@ -1,0 +1,1 @@
+"""Conveyor's services (one package per service) and the ``conveyor`` CLI."""

@@ -1,0 +1,39 @@
+"""Which services exist, how to build each, and where each listens by default.
+
+A service package ``conveyor.services.<name>`` exports ``SERVICE``, a
+:class:`ServiceEntry`; adding its name to :data:`IMPLEMENTED` makes
+``conveyor serve`` and ``conveyor up`` run it.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from conveyor.shared.ports import SERVICE_PORTS
+from conveyor.shared.server import ConveyorServer
+from conveyor.shared.settings import ServiceSettings
+
+ALL_SERVICES: tuple[str, ...] = tuple(SERVICE_PORTS)
+"""Every service of the suite, in start-up order for ``conveyor up``."""
+
+IMPLEMENTED: tuple[str, ...] = ()
+"""Services that have a server; later issues add theirs here."""
+
+
+@dataclass(frozen=True)
+class ServiceEntry:
+    """How to configure and build one service's server."""
+
+    settings_class: type[ServiceSettings]
+    build_server: Callable[[ServiceSettings], Awaitable[ConveyorServer]]
+
+
+def load(name: str) -> ServiceEntry:
+    """The entry of an implemented service; ``KeyError`` names the known ones."""
+    if name not in IMPLEMENTED:
+        raise KeyError(name)
+    module = importlib.import_module(f"conveyor.services.{name}")
+    entry: ServiceEntry = module.SERVICE
+    return entry

@@ -1,0 +1,264 @@
+"""One exception root for the whole suite, and its mapping to gRPC statuses.
+
+Service code raises a :class:`ConveyorError` subclass; the server's error
+interceptor (:mod:`conveyor.shared.interceptors`) turns it into the canonical
+status code with a ``google.rpc.Status`` carrying one ``ErrorInfo`` and, for bad
+input, ``BadRequest`` field violations (AIP-193). Clients turn a failed call back
+into the same class with :func:`from_rpc_error`.
+
+This module needs only grpcio, protobuf and googleapis-common-protos, so the
+light client can use it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import error_details_pb2, status_pb2
+
+ERROR_DOMAIN = "conveyor.dev"
+"""The ``ErrorInfo.domain`` of every error Conveyor raises."""
+
+STATUS_DETAILS_METADATA_KEY = "grpc-status-details-bin"
+"""Trailing metadata key that carries the serialized ``google.rpc.Status``."""
+
+
+@dataclass(frozen=True)
+class FieldViolation:
+    """One bad field of a request: ``field`` is a dotted path (``spec.epochs``)."""
+
+    field: str
+    description: str
+
+
+class ConveyorError(Exception):
+    """Root of every error Conveyor raises on purpose.
+
+    ``reason`` is a stable UPPER_SNAKE identifier clients may branch on;
+    ``metadata`` holds small string facts about the failure (never secrets).
+    """
+
+    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+    default_reason: str = "INTERNAL"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        reason: str | None = None,
+        metadata: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.reason = reason or self.default_reason
+        self.metadata: dict[str, str] = dict(metadata or {})
+
+    def to_status(self) -> status_pb2.Status:
+        """The ``google.rpc.Status`` a server sends for this error."""
+        status = status_pb2.Status(code=self.code.value[0], message=self.message)
+        info = error_details_pb2.ErrorInfo(
+            reason=self.reason, domain=ERROR_DOMAIN, metadata=self.metadata
+        )
+        status.details.append(_pack(info))
+        return status
+
+
+class InvalidArgumentError(ConveyorError):
+    """The request is malformed; ``violations`` names each bad field."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+    default_reason = "INVALID_ARGUMENT"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        violations: Iterable[FieldViolation] = (),
+        reason: str | None = None,
+        metadata: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message, reason=reason, metadata=metadata)
+        self.violations = tuple(violations)
+
+    def to_status(self) -> status_pb2.Status:
+        status = super().to_status()
+        if self.violations:
+            bad_request = error_details_pb2.BadRequest(
+                field_violations=[
+                    error_details_pb2.BadRequest.FieldViolation(
+                        field=v.field, description=v.description
+                    )
+                    for v in self.violations
+                ]
+            )
+            status.details.append(_pack(bad_request))
+        return status
+
+
+class NotFoundError(ConveyorError):
+    """The named resource does not exist."""
+
+    code = grpc.StatusCode.NOT_FOUND
+    default_reason = "NOT_FOUND"
+
+
+class AlreadyExistsError(ConveyorError):
+    """A resource with that name already exists."""
+
+    code = grpc.StatusCode.ALREADY_EXISTS
+    default_reason = "ALREADY_EXISTS"
+
+
+class FailedPreconditionError(ConveyorError):
+    """The system is not in a state that allows the call (a gate refused it)."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    default_reason = "FAILED_PRECONDITION"
+
+
+class AbortedError(ConveyorError):
+    """A concurrent change won; the caller may retry the whole read-modify-write."""
+
+    code = grpc.StatusCode.ABORTED
+    default_reason = "ABORTED"
+
+
+class PermissionDeniedError(ConveyorError):
+    """The caller is known but not allowed to do this."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
+    default_reason = "PERMISSION_DENIED"
+
+
+class UnauthenticatedError(ConveyorError):
+    """The caller presented no valid credentials."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+    default_reason = "UNAUTHENTICATED"
+
+
+class ResourceExhaustedError(ConveyorError):
+    """A queue is full or a quota is spent; retry later."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    default_reason = "RESOURCE_EXHAUSTED"
+
+
+class DeadlineExceededError(ConveyorError):
+    """The caller's deadline passed before the work was done."""
+
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+    default_reason = "DEADLINE_EXCEEDED"
+
+
+class UnavailableError(ConveyorError):
+    """A dependency is down or the server is shutting down; retry elsewhere or later."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+    default_reason = "UNAVAILABLE"
+
+
+class InternalError(ConveyorError):
+    """A bug. Its message never leaves the server (see the error interceptor)."""
+
+
+_BY_CODE: dict[grpc.StatusCode, type[ConveyorError]] = {
+    cls.code: cls
+    for cls in (
+        InvalidArgumentError,
+        NotFoundError,
+        AlreadyExistsError,
+        FailedPreconditionError,
+        AbortedError,
+        PermissionDeniedError,
+        UnauthenticatedError,
+        ResourceExhaustedError,
+        DeadlineExceededError,
+        UnavailableError,
+        InternalError,
+    )
+}
+
+
+# A failed sync call is a grpc.Call; a failed asyncio call is an AioRpcError.
+_CALL_ERRORS = (grpc.Call, grpc.aio.AioRpcError)
+
+
+def status_trailing_metadata(status: status_pb2.Status) -> tuple[tuple[str, bytes], ...]:
+    """Trailing metadata that carries ``status`` as gRPC's rich error details."""
+    return ((STATUS_DETAILS_METADATA_KEY, status.SerializeToString()),)
+
+
+def rich_status(error: grpc.aio.AioRpcError | grpc.RpcError) -> status_pb2.Status | None:
+    """The ``google.rpc.Status`` a server attached to a failed call, if any."""
+    if not isinstance(error, _CALL_ERRORS):
+        return None
+    # grpc's sync and asyncio calls type their metadata differently; both hold pairs.
+    trailing: Iterable[Any] = error.trailing_metadata() or ()
+    for key, value in trailing:
+        if key == STATUS_DETAILS_METADATA_KEY and isinstance(value, bytes):
+            status = status_pb2.Status()
+            status.ParseFromString(value)
+            return status
+    return None
+
+
+def from_rpc_error(error: grpc.RpcError) -> ConveyorError:
+    """The :class:`ConveyorError` equivalent of a failed call, details included."""
+    if isinstance(error, _CALL_ERRORS):
+        code, details = error.code(), error.details()
+    else:
+        code, details = grpc.StatusCode.UNKNOWN, str(error)
+    status = rich_status(error)
+    cls = _BY_CODE.get(code, ConveyorError)
+    reason: str | None = None
+    metadata: dict[str, str] = {}
+    violations: list[FieldViolation] = []
+    for detail in status.details if status else ():
+        info = error_details_pb2.ErrorInfo()
+        bad_request = error_details_pb2.BadRequest()
+        if detail.Unpack(info):
+            reason, metadata = info.reason, dict(info.metadata)
+        elif detail.Unpack(bad_request):
+            violations.extend(
+                FieldViolation(v.field, v.description) for v in bad_request.field_violations
+            )
+    message = details or ""
+    if cls is InvalidArgumentError:
+        return InvalidArgumentError(
+            message, violations=violations, reason=reason, metadata=metadata
+        )
+    result = cls(message, reason=reason or code.name, metadata=metadata)
+    result.code = code
+    return result
+
+
+def _pack(message: error_details_pb2.ErrorInfo | error_details_pb2.BadRequest) -> any_pb2.Any:
+    packed = any_pb2.Any()
+    packed.Pack(message)
+    return packed
+
+
+__all__ = [
+    "ERROR_DOMAIN",
+    "AbortedError",
+    "AlreadyExistsError",
+    "ConveyorError",
+    "DeadlineExceededError",
+    "FailedPreconditionError",
+    "FieldViolation",
+    "InternalError",
+    "InvalidArgumentError",
+    "NotFoundError",
+    "PermissionDeniedError",
+    "ResourceExhaustedError",
+    "UnauthenticatedError",
+    "UnavailableError",
+    "from_rpc_error",
+    "rich_status",
+    "status_trailing_metadata",
+]

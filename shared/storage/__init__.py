@@ -1,0 +1,6 @@
+"""Storage building blocks: a SQL engine factory and a content-addressed blob store."""
+
+from conveyor.shared.storage.blobs import BlobStore, BlobWriter, DigestMismatchError
+from conveyor.shared.storage.database import create_engine
+
+__all__ = ["BlobStore", "BlobWriter", "DigestMismatchError", "create_engine"]

@@ -1,0 +1,186 @@
+"""A content-addressed blob store on a local filesystem.
+
+Blobs are keyed by the SHA-256 of their bytes (lowercase hex) and stored once,
+however often they are written. A write goes to a temporary file in the same
+filesystem, is fsynced, then renamed into place and the directory fsynced: a
+reader sees a whole blob or none, even when the writer is killed mid-write.
+Leftover temporary files of a killed writer are removed when the store opens.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+from conveyor.shared.errors import InvalidArgumentError, NotFoundError
+
+_HEX_DIGEST = re.compile(r"^[0-9a-f]{64}$")
+DEFAULT_CHUNK_BYTES = 1024 * 1024
+
+
+class DigestMismatchError(InvalidArgumentError):
+    """The bytes written do not hash to the digest (or size) the writer declared."""
+
+    default_reason = "DIGEST_MISMATCH"
+
+
+@dataclass(frozen=True)
+class BlobInfo:
+    """A stored blob: its SHA-256 (hex) and size in bytes."""
+
+    sha256: str
+    size_bytes: int
+
+
+class BlobStore:
+    """Content-addressed blobs under ``root`` (``root/sha256/ab/abcdef…``)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._blobs = root / "sha256"
+        self._tmp = root / "tmp"
+        self._blobs.mkdir(parents=True, exist_ok=True)
+        self._tmp.mkdir(parents=True, exist_ok=True)
+        for leftover in self._tmp.iterdir():
+            leftover.unlink(missing_ok=True)
+
+    def writer(self) -> BlobWriter:
+        """Start writing a blob; commit it with :meth:`BlobWriter.commit`."""
+        return BlobWriter(self, self._tmp / f"{uuid.uuid4().hex}.partial")
+
+    def put(self, data: bytes) -> BlobInfo:
+        """Store ``data`` in one go."""
+        with self.writer() as writer:
+            writer.write(data)
+            return writer.commit()
+
+    def path(self, sha256: str) -> Path:
+        """Where the blob lives; raises NotFoundError when it is absent."""
+        path = self._path_for(sha256)
+        if not path.exists():
+            raise NotFoundError(f"blob {sha256} not found", reason="BLOB_NOT_FOUND")
+        return path
+
+    def exists(self, sha256: str) -> bool:
+        return self._path_for(sha256).exists()
+
+    def size(self, sha256: str) -> int:
+        return self.path(sha256).stat().st_size
+
+    def read(self, sha256: str) -> bytes:
+        return self.path(sha256).read_bytes()
+
+    def iter_chunks(
+        self, sha256: str, *, offset: int = 0, chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    ) -> Iterator[bytes]:
+        """The blob's bytes from ``offset`` on, in chunks (for resumable downloads)."""
+        path = self.path(sha256)
+        size = path.stat().st_size
+        if not 0 <= offset <= size:
+            raise InvalidArgumentError(
+                f"offset {offset} is outside the blob's {size} bytes", reason="BAD_OFFSET"
+            )
+        with path.open("rb") as blob:
+            blob.seek(offset)
+            while chunk := blob.read(chunk_bytes):
+                yield chunk
+
+    def delete(self, sha256: str) -> None:
+        """Remove a blob (callers ensure nothing references it any more)."""
+        self._path_for(sha256).unlink(missing_ok=True)
+
+    def _path_for(self, sha256: str) -> Path:
+        if not _HEX_DIGEST.match(sha256):
+            raise InvalidArgumentError(
+                f"not a lowercase hex SHA-256: {sha256!r}", reason="BAD_DIGEST"
+            )
+        return self._blobs / sha256[:2] / sha256
+
+    def _install(self, temporary: Path, sha256: str) -> None:
+        final = self._path_for(sha256)
+        if final.exists():  # identical content is stored once
+            temporary.unlink()
+            return
+        final.parent.mkdir(exist_ok=True)
+        os.replace(temporary, final)
+        _fsync_directory(final.parent)
+
+
+class BlobWriter:
+    """Streams bytes into a temporary file, hashing as it goes.
+
+    Use as a context manager: leaving the block without :meth:`commit` (an error,
+    a cancelled upload) discards everything written.
+    """
+
+    def __init__(self, store: BlobStore, temporary: Path) -> None:
+        self._store = store
+        self._temporary = temporary
+        self._file = temporary.open("xb")
+        self._hash = hashlib.sha256()
+        self.size_bytes = 0
+
+    def write(self, chunk: bytes) -> None:
+        self._file.write(chunk)
+        self._hash.update(chunk)
+        self.size_bytes += len(chunk)
+
+    @property
+    def sha256(self) -> str:
+        """SHA-256 of what has been written so far."""
+        return self._hash.hexdigest()
+
+    def commit(
+        self, *, expected_sha256: str | None = None, expected_size: int | None = None
+    ) -> BlobInfo:
+        """Make the blob visible, after checking the declared digest and size."""
+        digest = self.sha256
+        if expected_size is not None and expected_size != self.size_bytes:
+            self.abort()
+            raise DigestMismatchError(
+                f"declared {expected_size} bytes but received {self.size_bytes}",
+                metadata={"declared_size": str(expected_size), "size": str(self.size_bytes)},
+            )
+        if expected_sha256 is not None and expected_sha256 != digest:
+            self.abort()
+            raise DigestMismatchError(
+                "content does not match the declared sha256",
+                metadata={"declared_sha256": expected_sha256, "sha256": digest},
+            )
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        self._store._install(self._temporary, digest)
+        return BlobInfo(sha256=digest, size_bytes=self.size_bytes)
+
+    def abort(self) -> None:
+        """Discard what was written."""
+        if not self._file.closed:
+            self._file.close()
+        self._temporary.unlink(missing_ok=True)
+
+    def __enter__(self) -> BlobWriter:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        if not self._file.closed or self._temporary.exists():
+            self.abort()
+
+
+def _fsync_directory(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)

@@ -1,0 +1,51 @@
+"""SQLAlchemy engines: SQLite in WAL mode by default, PostgreSQL by URL.
+
+Services use one synchronous engine and run their queries off the event loop
+(``asyncio.to_thread``); the same models and queries run on both databases.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy
+from sqlalchemy import event
+from sqlalchemy.engine import Engine
+
+
+def sqlite_url(path: Path) -> str:
+    """The URL of a SQLite database file at ``path``."""
+    return f"sqlite:///{path}"
+
+
+def create_engine(url: str, *, echo: bool = False) -> Engine:
+    """An engine for ``url``.
+
+    SQLite files get WAL journaling (readers never block the writer), foreign
+    keys, ``synchronous=NORMAL`` (a committed transaction survives a process
+    crash; WAL keeps the file consistent on power loss) and a busy timeout so
+    concurrent writers queue instead of failing. PostgreSQL URLs
+    (``postgresql+psycopg://...``) get a pre-ping pool.
+    """
+    parsed = sqlalchemy.make_url(url)
+    if parsed.get_backend_name() != "sqlite":
+        return sqlalchemy.create_engine(url, echo=echo, pool_pre_ping=True)
+    if parsed.database and parsed.database != ":memory:":
+        Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+    engine = sqlalchemy.create_engine(
+        url, echo=echo, connect_args={"check_same_thread": False, "timeout": 30}
+    )
+    event.listen(engine, "connect", _configure_sqlite_connection)
+    return engine
+
+
+def _configure_sqlite_connection(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute("PRAGMA busy_timeout=30000")
+    finally:
+        cursor.close()

@@ -1,0 +1,34 @@
+"""Fixtures every test shares: a clean environment and an in-memory trace sink."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+_SPANS = InMemorySpanExporter()
+_PROVIDER = TracerProvider()
+_PROVIDER.add_span_processor(SimpleSpanProcessor(_SPANS))
+# OpenTelemetry allows one global provider per process: install it once, here.
+trace.set_tracer_provider(_PROVIDER)
+
+
+@pytest.fixture(autouse=True)
+def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No test sees a CONVEYOR_* or OTEL_* variable it did not set itself."""
+    for name in list(os.environ):
+        if name.startswith(("CONVEYOR_", "OTEL_")):
+            monkeypatch.delenv(name)
+
+
+@pytest.fixture
+def spans() -> Iterator[InMemorySpanExporter]:
+    """Finished spans of this test (the process-wide provider's in-memory sink)."""
+    _SPANS.clear()
+    yield _SPANS
+    _SPANS.clear()
