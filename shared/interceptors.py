@@ -42,30 +42,15 @@ class ErrorMappingInterceptor(_ServerInterceptor):
         if handler is None:  # unknown method (the stubs deny it): gRPC says UNIMPLEMENTED
             return None
         method = handler_call_details.method
-        if handler.unary_unary is not None:
-            return grpc.unary_unary_rpc_method_handler(
-                _guard_unary(handler.unary_unary, method),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        if handler.stream_unary is not None:
-            return grpc.stream_unary_rpc_method_handler(
-                _guard_unary(handler.stream_unary, method),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        if handler.unary_stream is not None:
-            return grpc.unary_stream_rpc_method_handler(
-                _guard_stream(handler.unary_stream, method),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        if handler.stream_stream is not None:
-            return grpc.stream_stream_rpc_method_handler(
-                _guard_stream(handler.stream_stream, method),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
+        for kind, make_handler, guard in _HANDLER_KINDS:
+            behavior = getattr(handler, kind)
+            if behavior is not None:
+                wrapped: grpc.RpcMethodHandler[Any, Any] = make_handler(
+                    guard(behavior, method),
+                    request_deserializer=handler.request_deserializer,
+                    response_serializer=handler.response_serializer,
+                )
+                return wrapped
         return handler
 
 
@@ -109,6 +94,14 @@ def _guard_stream(behavior: Callable[..., Any], method: str) -> Callable[..., An
                 raise
 
     return guarded
+
+
+_HANDLER_KINDS: tuple[tuple[str, Callable[..., Any], Callable[..., Any]], ...] = (
+    ("unary_unary", grpc.unary_unary_rpc_method_handler, _guard_unary),
+    ("stream_unary", grpc.stream_unary_rpc_method_handler, _guard_unary),
+    ("unary_stream", grpc.unary_stream_rpc_method_handler, _guard_stream),
+    ("stream_stream", grpc.stream_stream_rpc_method_handler, _guard_stream),
+)
 
 
 async def _abort_for(

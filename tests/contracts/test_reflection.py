@@ -12,10 +12,9 @@ import shutil
 import sys
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import pytest
-from pydantic_settings import SettingsConfigDict
 
 from conveyor.explainer.v1 import explainer_service_pb2_grpc as explainer
 from conveyor.inference.v1 import inference_service_pb2_grpc as serving
@@ -26,8 +25,8 @@ from conveyor.policy.v1 import policy_service_pb2_grpc as policy
 from conveyor.registry.v1 import registry_service_pb2_grpc as registry
 from conveyor.shared.client import SERVICE_DESCRIPTORS
 from conveyor.shared.server import ConveyorServer, ServiceRegistration, create_server
-from conveyor.shared.settings import ServiceSettings
 from conveyor.trainer.v1 import trainer_service_pb2_grpc as trainer
+from tests.support.settings import TestServerSettings
 
 GRPCURL = shutil.which("grpcurl", path=str(Path(sys.executable).parent))
 
@@ -52,11 +51,6 @@ CONTRACTS: dict[str, tuple[type, Callable[[Any, Any], None]]] = {
 }  # fmt: skip
 
 
-class ContractSettings(ServiceSettings):
-    model_config = SettingsConfigDict(env_prefix="CONVEYOR_CONTRACTS_")
-    service_name: ClassVar[str] = "contracts"
-
-
 def registration(name: str) -> ServiceRegistration:
     servicer_class, add = CONTRACTS[name]
     servicer = servicer_class()
@@ -66,7 +60,7 @@ def registration(name: str) -> ServiceRegistration:
 @pytest.fixture
 async def server(tmp_path: Path) -> AsyncIterator[ConveyorServer]:
     started = await create_server(
-        ContractSettings(data_dir=tmp_path), [registration(n) for n in CONTRACTS]
+        TestServerSettings(data_dir=tmp_path), [registration(n) for n in CONTRACTS]
     )
     yield started
     await started.server.stop(None)

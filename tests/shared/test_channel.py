@@ -6,11 +6,10 @@ import json
 from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import grpc
 import pytest
-from pydantic_settings import SettingsConfigDict
 
 from conveyor.registry.v1 import registry_messages_pb2 as messages
 from conveyor.registry.v1 import registry_service_pb2, registry_service_pb2_grpc
@@ -18,7 +17,7 @@ from conveyor.registry.v1 import resources_pb2 as resources
 from conveyor.shared.channel import create_channel, retry_service_config
 from conveyor.shared.errors import UnavailableError
 from conveyor.shared.server import ConveyorServer, ServiceRegistration, create_server
-from conveyor.shared.settings import ServiceSettings
+from tests.support.settings import TestServerSettings
 
 REGISTRY = registry_service_pb2.DESCRIPTOR.services_by_name["RegistryService"]
 
@@ -43,16 +42,11 @@ class FlakyRegistry(registry_service_pb2_grpc.RegistryServiceServicer):
         return messages.CreateModelResponse(model=resources.Model(name="models/new"))
 
 
-class RegistryLikeSettings(ServiceSettings):
-    model_config = SettingsConfigDict(env_prefix="CONVEYOR_FLAKY_")
-    service_name: ClassVar[str] = "flaky"
-
-
 @pytest.fixture
 async def flaky(tmp_path: Path) -> AsyncIterator[tuple[ConveyorServer, FlakyRegistry]]:
     servicer = FlakyRegistry()
     server = await create_server(
-        RegistryLikeSettings(data_dir=tmp_path),
+        TestServerSettings(data_dir=tmp_path),
         [
             ServiceRegistration(
                 REGISTRY.full_name,

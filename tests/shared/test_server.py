@@ -9,7 +9,6 @@ import signal
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
-from typing import ClassVar
 
 import grpc
 import pytest
@@ -17,27 +16,21 @@ from google.protobuf import empty_pb2, wrappers_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from opentelemetry import trace
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from pydantic_settings import SettingsConfigDict
 
 from conveyor.shared import errors
 from conveyor.shared.channel import create_channel
 from conveyor.shared.server import ConveyorServer, create_server
-from conveyor.shared.settings import ServiceSettings
 from tests.support.probe import SERVICE, Probe, ProbeClient, seconds
+from tests.support.settings import TestServerSettings
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
-class ProbeSettings(ServiceSettings):
-    model_config = SettingsConfigDict(env_prefix="CONVEYOR_PROBE_")
-    service_name: ClassVar[str] = "probe"
-
-
 @pytest.fixture
 async def probe(tmp_path: Path) -> AsyncIterator[tuple[ConveyorServer, Probe]]:
     probe = Probe()
-    settings = ProbeSettings(
+    settings = TestServerSettings(
         data_dir=tmp_path, shutdown_grace=timedelta(seconds=5), max_receive_message_bytes=64 * 1024
     )
     server = await create_server(settings, [probe.registration()])
@@ -201,7 +194,7 @@ async def test_deadline_propagates_to_downstream_calls(
     server, state = probe
     downstream_probe = Probe()
     downstream = await create_server(
-        ProbeSettings(data_dir=tmp_path / "downstream"), [downstream_probe.registration()]
+        TestServerSettings(data_dir=tmp_path / "downstream"), [downstream_probe.registration()]
     )
     state.forward_target = target(downstream)
     try:
