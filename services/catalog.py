@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
 
 from conveyor.shared.ports import SERVICE_PORTS
 from conveyor.shared.server import ConveyorServer
@@ -18,22 +19,25 @@ from conveyor.shared.settings import ServiceSettings
 ALL_SERVICES: tuple[str, ...] = tuple(SERVICE_PORTS)
 """Every service of the suite, in start-up order for ``conveyor up``."""
 
-IMPLEMENTED: tuple[str, ...] = ()
+IMPLEMENTED: tuple[str, ...] = ("registry",)
 """Services that have a server; later issues add theirs here."""
 
 
+SettingsT = TypeVar("SettingsT", bound=ServiceSettings)
+
+
 @dataclass(frozen=True)
-class ServiceEntry:
+class ServiceEntry(Generic[SettingsT]):
     """How to configure and build one service's server."""
 
-    settings_class: type[ServiceSettings]
-    build_server: Callable[[ServiceSettings], Awaitable[ConveyorServer]]
+    settings_class: type[SettingsT]
+    build_server: Callable[[SettingsT], Awaitable[ConveyorServer]]
 
 
-def load(name: str) -> ServiceEntry:
+def load(name: str) -> ServiceEntry[Any]:
     """The entry of an implemented service; ``KeyError`` names the known ones."""
     if name not in IMPLEMENTED:
         raise KeyError(name)
     module = importlib.import_module(f"conveyor.services.{name}")
-    entry: ServiceEntry = module.SERVICE
+    entry: ServiceEntry[Any] = module.SERVICE
     return entry

@@ -90,7 +90,7 @@ def _serve(name: str, *, listen: str | None, data_dir: Path | None) -> int:
     overrides: dict[str, object] = {"listen": listen or default_address(name)}
     if data_dir is not None:
         overrides["data_dir"] = data_dir
-    settings = entry.settings_class(**overrides)  # type: ignore[arg-type]
+    settings = entry.settings_class(**overrides)
     configure_logging(name, level=settings.log_level, json_lines=settings.log_json)
     install_tracer_provider(create_tracer_provider(name, TelemetrySettings()))
 
@@ -119,10 +119,19 @@ def _up(*, data_dir: Path, host: str) -> int:
         for name in catalog.IMPLEMENTED:
             address = default_address(name, host)
             children[name] = subprocess.Popen(
-                [sys.executable, "-m", "conveyor.services.cli", "serve", name,
-                 "--listen", address, "--data-dir", str(data_dir)],
+                [
+                    sys.executable,
+                    "-m",
+                    "conveyor.services.cli",
+                    "serve",
+                    name,
+                    "--listen",
+                    address,
+                    "--data-dir",
+                    str(data_dir),
+                ],
                 env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            )  # fmt: skip
+            )
             _wait_until_serving(name, address, children[name])
         print("\nConveyor is up:")
         for name in children:

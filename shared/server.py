@@ -53,7 +53,10 @@ class ConveyorServer:
     service_names: tuple[str, ...]
     shutdown_grace: timedelta
     shutdown_delay: timedelta
+    before_stop: list[Callable[[], object]] = field(default_factory=list)
+    """Run once draining has begun, before new calls are refused (end streams)."""
     on_shutdown: list[Callable[[], object]] = field(default_factory=list)
+    """Run after the server has stopped (close databases)."""
     _stopping: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def set_serving(self, service_name: str, serving: bool) -> None:
@@ -75,11 +78,9 @@ class ConveyorServer:
         await self.health.enter_graceful_shutdown()
         if self.shutdown_delay > timedelta(0):
             await asyncio.sleep(self.shutdown_delay.total_seconds())
+        await _run_all(self.before_stop)
         await self.server.stop(self.shutdown_grace.total_seconds())
-        for callback in self.on_shutdown:
-            result = callback()
-            if asyncio.iscoroutine(result):
-                await result
+        await _run_all(self.on_shutdown)
         logger.info("stopped")
 
     async def serve_until_signal(self) -> None:
@@ -147,6 +148,13 @@ async def create_server(
         shutdown_grace=settings.shutdown_grace,
         shutdown_delay=settings.shutdown_delay,
     )
+
+
+async def _run_all(callbacks: list[Callable[[], object]]) -> None:
+    for callback in callbacks:
+        result = callback()
+        if asyncio.iscoroutine(result):
+            await result
 
 
 def _bind(server: grpc.aio.Server, settings: ServiceSettings) -> int:

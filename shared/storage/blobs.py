@@ -91,6 +91,12 @@ class BlobStore:
             while chunk := blob.read(chunk_bytes):
                 yield chunk
 
+    def digests(self) -> Iterator[str]:
+        """Every stored blob's digest."""
+        for path in self._blobs.glob("*/*"):
+            if _HEX_DIGEST.match(path.name):
+                yield path.name
+
     def delete(self, sha256: str) -> None:
         """Remove a blob (callers ensure nothing references it any more)."""
         self._path_for(sha256).unlink(missing_ok=True)

@@ -65,10 +65,14 @@ def describe(files: list[FileDescriptor]) -> dict[str, Any]:
             add_enum(enum)
         for service in file.services_by_name.values():
             shape["services"][service.full_name] = {
-                m.name: [m.input_type.full_name, m.output_type.full_name,
-                         m.client_streaming, m.server_streaming]
+                m.name: [
+                    m.input_type.full_name,
+                    m.output_type.full_name,
+                    m.client_streaming,
+                    m.server_streaming,
+                ]
                 for m in service.methods
-            }  # fmt: skip
+            }
     return shape
 
 

@@ -20,10 +20,27 @@ from conveyor.shared.server import ConveyorServer
 from tests.contracts.test_reflection import server  # noqa: F401 - fixture
 
 REPO = Path(__file__).resolve().parents[2]
-ALLOWED = {"conveyor", "grpcio", "protobuf", "googleapis-common-protos", "typing-extensions",
-           "typing_extensions", "pip", "setuptools"}  # fmt: skip
-SERVER_ONLY = ["pydantic", "pydantic_settings", "sqlalchemy", "opentelemetry", "torch",
-               "onnxruntime", "numpy", "grpc_health", "grpc_reflection"]  # fmt: skip
+ALLOWED = {
+    "conveyor",
+    "grpcio",
+    "protobuf",
+    "googleapis-common-protos",
+    "typing-extensions",
+    "typing_extensions",
+    "pip",
+    "setuptools",
+}
+SERVER_ONLY = [
+    "pydantic",
+    "pydantic_settings",
+    "sqlalchemy",
+    "opentelemetry",
+    "torch",
+    "onnxruntime",
+    "numpy",
+    "grpc_health",
+    "grpc_reflection",
+]
 
 CLIENT_SCRIPT = textwrap.dedent(
     """
@@ -88,9 +105,14 @@ async def test_light_client_calls_a_server_without_server_extras(
     script = tmp_path / "backend.py"
     script.write_text(CLIENT_SCRIPT)
     process = await asyncio.create_subprocess_exec(
-        str(backend_python), str(script), f"127.0.0.1:{server.port}", *SERVER_ONLY,
-        cwd=tmp_path, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
+        str(backend_python),
+        str(script),
+        f"127.0.0.1:{server.port}",
+        *SERVER_ONLY,
+        cwd=tmp_path,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
     output, errors = await process.communicate()
     assert process.returncode == 0, errors.decode()
     # The base servicer offers no GetPolicySet: the call reached it and came back mapped.

@@ -14,10 +14,19 @@ SCRIPT = Path(__file__).with_name("describe_protocol.py")
 
 # What Conveyor's inference service answers; everything in these it must have.
 REQUIRED_RPCS = {
-    "ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata",
-    "ModelInfer", "ModelStreamInfer", "ModelConfig", "ModelStatistics",
-    "RepositoryIndex", "RepositoryModelLoad", "RepositoryModelUnload",
-}  # fmt: skip
+    "ServerLive",
+    "ServerReady",
+    "ModelReady",
+    "ServerMetadata",
+    "ModelMetadata",
+    "ModelInfer",
+    "ModelStreamInfer",
+    "ModelConfig",
+    "ModelStatistics",
+    "RepositoryIndex",
+    "RepositoryModelLoad",
+    "RepositoryModelUnload",
+}
 
 
 def describe(which: str) -> dict[str, Any]:

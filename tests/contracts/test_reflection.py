@@ -32,23 +32,38 @@ GRPCURL = shutil.which("grpcurl", path=str(Path(sys.executable).parent))
 
 CONTRACTS: dict[str, tuple[type, Callable[[Any, Any], None]]] = {
     "conveyor.registry.v1.RegistryService": (
-        registry.RegistryServiceServicer, registry.add_RegistryServiceServicer_to_server),
+        registry.RegistryServiceServicer,
+        registry.add_RegistryServiceServicer_to_server,
+    ),
     "conveyor.trainer.v1.TrainerService": (
-        trainer.TrainerServiceServicer, trainer.add_TrainerServiceServicer_to_server),
+        trainer.TrainerServiceServicer,
+        trainer.add_TrainerServiceServicer_to_server,
+    ),
     "conveyor.optimizer.v1.OptimizerService": (
-        optimizer.OptimizerServiceServicer, optimizer.add_OptimizerServiceServicer_to_server),
+        optimizer.OptimizerServiceServicer,
+        optimizer.add_OptimizerServiceServicer_to_server,
+    ),
     "inference.GRPCInferenceService": (
-        oip.GRPCInferenceServiceServicer, oip.add_GRPCInferenceServiceServicer_to_server),
+        oip.GRPCInferenceServiceServicer,
+        oip.add_GRPCInferenceServiceServicer_to_server,
+    ),
     "conveyor.inference.v1.InferenceManagementService": (
         serving.InferenceManagementServiceServicer,
-        serving.add_InferenceManagementServiceServicer_to_server),
+        serving.add_InferenceManagementServiceServicer_to_server,
+    ),
     "conveyor.monitor.v1.MonitorService": (
-        monitor.MonitorServiceServicer, monitor.add_MonitorServiceServicer_to_server),
+        monitor.MonitorServiceServicer,
+        monitor.add_MonitorServiceServicer_to_server,
+    ),
     "conveyor.explainer.v1.ExplainerService": (
-        explainer.ExplainerServiceServicer, explainer.add_ExplainerServiceServicer_to_server),
+        explainer.ExplainerServiceServicer,
+        explainer.add_ExplainerServiceServicer_to_server,
+    ),
     "conveyor.policy.v1.PolicyService": (
-        policy.PolicyServiceServicer, policy.add_PolicyServiceServicer_to_server),
-}  # fmt: skip
+        policy.PolicyServiceServicer,
+        policy.add_PolicyServiceServicer_to_server,
+    ),
+}
 
 
 def registration(name: str) -> ServiceRegistration:
@@ -105,8 +120,11 @@ async def test_reflection_describes_every_service(server: ConveyorServer, servic
 async def test_health_answers_per_contract(server: ConveyorServer) -> None:
     for service in CONTRACTS:
         code, output = await grpcurl(
-            "-plaintext", "-d", f'{{"service": "{service}"}}',
-            f"127.0.0.1:{server.port}", "grpc.health.v1.Health/Check",
-        )  # fmt: skip
+            "-plaintext",
+            "-d",
+            f'{{"service": "{service}"}}',
+            f"127.0.0.1:{server.port}",
+            "grpc.health.v1.Health/Check",
+        )
         assert code == 0, output
         assert '"status": "SERVING"' in output

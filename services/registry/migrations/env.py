@@ -1,0 +1,18 @@
+"""Alembic environment: migrations run on the connection the registry passes in
+(see ``conveyor.services.registry.migrate``), on SQLite or PostgreSQL."""
+
+from __future__ import annotations
+
+from alembic import context
+
+from conveyor.services.registry.schema import metadata
+
+connection = context.config.attributes["connection"]
+context.configure(
+    connection=connection,
+    target_metadata=metadata,
+    # SQLite cannot ALTER most things in place; batch mode copies the table.
+    render_as_batch=connection.dialect.name == "sqlite",
+)
+with context.begin_transaction():
+    context.run_migrations()

@@ -1,0 +1,60 @@
+"""Builds the registry's gRPC server from its settings."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from conveyor.registry.v1 import registry_service_pb2, registry_service_pb2_grpc
+from conveyor.services.registry.migrate import upgrade_to_head
+from conveyor.services.registry.servicer import NoPromotionGate, PromotionGate, RegistryServicer
+from conveyor.services.registry.settings import RegistrySettings
+from conveyor.services.registry.store import RegistryStore
+from conveyor.services.registry.watch import AliasWatchHub
+from conveyor.shared.server import ConveyorServer, ServiceRegistration, create_server
+from conveyor.shared.storage import BlobStore, create_engine
+from conveyor.shared.storage.database import sqlite_url
+
+logger = logging.getLogger(__name__)
+
+SERVICE_NAME = registry_service_pb2.DESCRIPTOR.services_by_name["RegistryService"].full_name
+
+
+def open_store(settings: RegistrySettings) -> RegistryStore:
+    """The store under the settings' database and data directory, migrated."""
+    directory = settings.service_data_dir
+    directory.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(settings.database_url or sqlite_url(directory / "registry.db"))
+    upgrade_to_head(engine)
+    return RegistryStore(engine, BlobStore(directory / "blobs"))
+
+
+async def build_server(
+    settings: RegistrySettings, *, gate: PromotionGate | None = None
+) -> ConveyorServer:
+    """Open (and migrate) the store, sweep orphaned blobs, start serving."""
+    store = await asyncio.to_thread(open_store, settings)
+    removed = await asyncio.to_thread(store.collect_garbage)
+    if removed:
+        logger.info("removed orphaned blobs", extra={"count": removed})
+    watch_hub = AliasWatchHub(store, poll_interval_s=settings.watch_poll_interval.total_seconds())
+    servicer = RegistryServicer(
+        store,
+        watch_hub,
+        gate=gate or NoPromotionGate(),
+        max_artifact_bytes=settings.max_artifact_bytes,
+    )
+    server = await create_server(
+        settings,
+        [
+            ServiceRegistration(
+                SERVICE_NAME,
+                lambda s: registry_service_pb2_grpc.add_RegistryServiceServicer_to_server(
+                    servicer, s
+                ),
+            )
+        ],
+    )
+    server.before_stop.append(watch_hub.close)
+    server.on_shutdown.append(store.engine.dispose)
+    return server

@@ -1,0 +1,514 @@
+"""``conveyor.registry.v1.RegistryService`` over the registry store.
+
+Transport only: parse and validate requests, run the store's (blocking) work
+in threads, turn results into responses. Errors are raised as ConveyorError
+and mapped to statuses by the shared interceptor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any, Protocol
+
+from conveyor.registry.v1 import registry_messages_pb2 as rpc
+from conveyor.registry.v1 import registry_service_pb2_grpc
+from conveyor.registry.v1 import resources_pb2 as pb
+from conveyor.services.registry import queries, validation
+from conveyor.services.registry.store import LATEST, RegistryStore, request_hash
+from conveyor.services.registry.watch import AliasWatchHub
+from conveyor.shared import names, pagination
+from conveyor.shared.auth import caller_principal
+from conveyor.shared.errors import FailedPreconditionError, FieldViolation, InvalidArgumentError
+from conveyor.shared.filtering import parse_filter
+from conveyor.shared.storage.blobs import BlobInfo
+
+DOWNLOAD_CHUNK_BYTES = 1024 * 1024
+MAX_LINEAGE_DEPTH = 100
+ALL_MODELS = "models/-"
+
+
+class PromotionGate(Protocol):
+    """Asked before an alias moves; the policy service provides the real one."""
+
+    async def evaluate(
+        self,
+        *,
+        model: pb.Model,
+        version: pb.ModelVersion,
+        alias_id: str,
+        principal: str,
+        reason: str,
+    ) -> str:
+        """The decision name that allows the move (``decisions/{id}``, or empty
+        when no policy decided). Raises FailedPreconditionError, listing every
+        failed gate, to refuse it."""
+        ...
+
+
+class NoPromotionGate:
+    """Moves every alias: the embedded default while no policy service is configured."""
+
+    async def evaluate(
+        self,
+        *,
+        model: pb.Model,
+        version: pb.ModelVersion,
+        alias_id: str,
+        principal: str,
+        reason: str,
+    ) -> str:
+        return ""
+
+
+class RegistryServicer(registry_service_pb2_grpc.RegistryServiceServicer):
+    def __init__(
+        self,
+        store: RegistryStore,
+        watch_hub: AliasWatchHub,
+        *,
+        gate: PromotionGate,
+        max_artifact_bytes: int,
+    ) -> None:
+        self._store = store
+        self._watch_hub = watch_hub
+        self._gate = gate
+        self._max_artifact_bytes = max_artifact_bytes
+
+    # -- models --------------------------------------------------------------
+
+    async def CreateModel(self, request: rpc.CreateModelRequest, context: Any) -> Any:
+        model_id = request.model_id or f"model-{uuid.uuid4().hex[:12]}"
+        names.check_id(model_id, field="model_id")
+        validation.raise_if_any(validation.model_violations(request.model), "invalid model")
+        model = await asyncio.to_thread(
+            self._store.create_model,
+            model_id,
+            request.model,
+            principal=caller_principal(context),
+            request_id=request.request_id,
+            request_hash=request_hash(request),
+        )
+        return rpc.CreateModelResponse(model=model)
+
+    async def GetModel(self, request: rpc.GetModelRequest, context: Any) -> Any:
+        model_id = names.parse_model_name(request.name)
+        return rpc.GetModelResponse(model=await asyncio.to_thread(self._store.get_model, model_id))
+
+    async def ListModels(self, request: rpc.ListModelsRequest, context: Any) -> Any:
+        size = pagination.page_size(request.page_size)
+        restrictions = parse_filter(request.filter, queries.MODEL_FILTERS)
+        order, descending = queries.parse_order(
+            request.order_by, ("name", "create_time", "update_time"), "name"
+        )
+        fingerprint = pagination.fingerprint(
+            request.filter, request.order_by, request.show_archived
+        )
+        cursor = pagination.decode_page_token(request.page_token, fingerprint)
+        page = await asyncio.to_thread(
+            self._store.list_models,
+            restrictions,
+            queries.resolve_model,
+            order_by=order,
+            descending=descending,
+            show_archived=request.show_archived,
+            offset=cursor.offset,
+            limit=size,
+        )
+        return rpc.ListModelsResponse(
+            models=page.items, next_page_token=_next_token(page.has_more, cursor, size, fingerprint)
+        )
+
+    async def UpdateModel(self, request: rpc.UpdateModelRequest, context: Any) -> Any:
+        model_id = names.parse_model_name(request.model.name, field="model.name")
+        paths = validation.mask_paths(request.update_mask, validation.MODEL_UPDATABLE)
+        validation.raise_if_any(
+            (
+                v
+                for v in validation.model_violations(request.model)
+                if v.field.split(".")[1].split("[")[0] in paths
+            ),
+            "invalid model",
+        )
+        model = await asyncio.to_thread(
+            self._store.update_model, model_id, request.model, paths, etag=request.model.etag
+        )
+        return rpc.UpdateModelResponse(model=model)
+
+    async def ArchiveModel(self, request: rpc.ArchiveModelRequest, context: Any) -> Any:
+        model_id = names.parse_model_name(request.name)
+        model = await asyncio.to_thread(
+            self._store.set_model_state, model_id, "ARCHIVED", etag=request.etag
+        )
+        return rpc.ArchiveModelResponse(model=model)
+
+    async def UnarchiveModel(self, request: rpc.UnarchiveModelRequest, context: Any) -> Any:
+        model_id = names.parse_model_name(request.name)
+        model = await asyncio.to_thread(self._store.set_model_state, model_id, "ACTIVE")
+        return rpc.UnarchiveModelResponse(model=model)
+
+    # -- versions and artifacts ----------------------------------------------
+
+    async def CreateModelVersion(
+        self, request_iterator: AsyncIterator[rpc.CreateModelVersionRequest], context: Any
+    ) -> Any:
+        first = await anext(aiter(request_iterator), None)
+        if first is None or not first.HasField("metadata"):
+            raise _invalid("metadata", "the first message must carry the metadata")
+        metadata = first.metadata
+        model_id = names.parse_model_name(metadata.parent, field="metadata.parent")
+        if metadata.ByteSize() > validation.MAX_VERSION_METADATA_BYTES:
+            raise _invalid("metadata", f"at most {validation.MAX_VERSION_METADATA_BYTES} bytes")
+        validation.raise_if_any(
+            [
+                *validation.upload_violations(
+                    metadata.sha256, metadata.size_bytes, self._max_artifact_bytes
+                ),
+                *validation.version_violations(metadata.model_version, "metadata.model_version"),
+            ],
+            "invalid model version",
+        )
+        fingerprint = request_hash(metadata)
+        done = await asyncio.to_thread(
+            self._store.find_request, metadata.request_id, "CreateModelVersion", fingerprint
+        )
+        if done is not None:  # a retry of a finished upload: no need for the bytes
+            version = await asyncio.to_thread(
+                self._store.get_version,
+                names.parse_model_version_ref(done),
+                pb.MODEL_VERSION_VIEW_FULL,
+            )
+            return rpc.CreateModelVersionResponse(model_version=version)
+        # Refuse an unknown or archived model before receiving any bytes.
+        model = await asyncio.to_thread(self._store.get_model, model_id)
+        if model.state != pb.MODEL_STATE_ACTIVE:
+            raise FailedPreconditionError(
+                f"{model.name} is archived: it takes no new versions", reason="MODEL_ARCHIVED"
+            )
+        artifact = await self._receive_artifact(request_iterator, metadata)
+        version = await asyncio.to_thread(
+            self._store.create_version,
+            model_id,
+            metadata.model_version,
+            artifact,
+            principal=caller_principal(context),
+            request_id=metadata.request_id,
+            request_hash=fingerprint,
+        )
+        return rpc.CreateModelVersionResponse(model_version=version)
+
+    async def _receive_artifact(
+        self,
+        chunks: AsyncIterator[rpc.CreateModelVersionRequest],
+        metadata: rpc.CreateModelVersionMetadata,
+    ) -> BlobInfo:
+        # Leaving this block early (a bad chunk, a cancelled or broken stream)
+        # discards the temporary file: nothing becomes visible.
+        with self._store.blobs.writer() as writer:
+            async for message in chunks:
+                if not message.HasField("chunk"):
+                    raise _invalid("chunk", "every message after the first carries a chunk")
+                if len(message.chunk) > validation.MAX_CHUNK_BYTES:
+                    raise _invalid("chunk", f"at most {validation.MAX_CHUNK_BYTES} bytes each")
+                if writer.size_bytes + len(message.chunk) > metadata.size_bytes:
+                    raise _invalid("metadata.size_bytes", "more bytes arrived than were declared")
+                writer.write(message.chunk)
+            return await asyncio.to_thread(
+                writer.commit, expected_sha256=metadata.sha256, expected_size=metadata.size_bytes
+            )
+
+    async def GetModelVersion(self, request: rpc.GetModelVersionRequest, context: Any) -> Any:
+        ref = _version_ref(request.name)
+        view = request.view or pb.MODEL_VERSION_VIEW_FULL
+        version = await asyncio.to_thread(self._store.get_version, ref, view)
+        return rpc.GetModelVersionResponse(model_version=version)
+
+    async def ListModelVersions(self, request: rpc.ListModelVersionsRequest, context: Any) -> Any:
+        model_id = _parent_model(request.parent)
+        size = pagination.page_size(request.page_size)
+        restrictions = parse_filter(request.filter, queries.VERSION_FILTERS)
+        order, descending = queries.parse_order(
+            request.order_by, ("create_time", "metrics.*"), "create_time desc"
+        )
+        fingerprint = pagination.fingerprint(
+            request.parent, request.filter, request.order_by, request.show_archived, request.view
+        )
+        cursor = pagination.decode_page_token(request.page_token, fingerprint)
+        page = await asyncio.to_thread(
+            self._store.list_versions,
+            model_id,
+            restrictions,
+            queries.resolve_version,
+            sort_key=queries.version_sort_key(order, descending),
+            show_archived=request.show_archived,
+            view=request.view or pb.MODEL_VERSION_VIEW_BASIC,
+            offset=cursor.offset,
+            limit=size,
+        )
+        return rpc.ListModelVersionsResponse(
+            model_versions=page.items,
+            next_page_token=_next_token(page.has_more, cursor, size, fingerprint),
+        )
+
+    async def UpdateModelVersion(self, request: rpc.UpdateModelVersionRequest, context: Any) -> Any:
+        ref = _exact_version(request.model_version.name, "model_version.name")
+        paths = validation.mask_paths(request.update_mask, validation.VERSION_UPDATABLE)
+        validation.raise_if_any(
+            (
+                v
+                for v in validation.version_violations(request.model_version, "model_version")
+                if v.field.split(".")[1].split("[")[0] in paths
+            ),
+            "invalid model version",
+        )
+        version = await asyncio.to_thread(
+            self._store.update_version,
+            ref,
+            request.model_version,
+            paths,
+            etag=request.model_version.etag,
+            principal=caller_principal(context),
+        )
+        return rpc.UpdateModelVersionResponse(model_version=version)
+
+    async def ArchiveModelVersion(
+        self, request: rpc.ArchiveModelVersionRequest, context: Any
+    ) -> Any:
+        ref = _exact_version(request.name, "name")
+        version = await asyncio.to_thread(
+            self._store.set_version_state, ref, "ARCHIVED", etag=request.etag
+        )
+        return rpc.ArchiveModelVersionResponse(model_version=version)
+
+    async def UnarchiveModelVersion(
+        self, request: rpc.UnarchiveModelVersionRequest, context: Any
+    ) -> Any:
+        ref = _exact_version(request.name, "name")
+        version = await asyncio.to_thread(self._store.set_version_state, ref, "ACTIVE")
+        return rpc.UnarchiveModelVersionResponse(model_version=version)
+
+    async def DownloadArtifact(
+        self, request: rpc.DownloadArtifactRequest, context: Any
+    ) -> AsyncIterator[rpc.DownloadArtifactResponse]:
+        ref = _version_ref(request.name)
+        version = await asyncio.to_thread(self._store.get_version, ref, pb.MODEL_VERSION_VIEW_BASIC)
+        size = version.artifact.size_bytes
+        if not 0 <= request.offset <= size:
+            raise _invalid("offset", f"must be in [0, {size}], the artifact's size")
+        path = self._store.blobs.path(version.artifact.sha256)
+        offset = request.offset
+        with path.open("rb") as artifact:
+            artifact.seek(offset)
+            # The first message names what is being sent, even for an empty tail.
+            message = rpc.DownloadArtifactResponse(
+                artifact=version.artifact, model_version=version.name, offset=offset
+            )
+            message.data = await asyncio.to_thread(artifact.read, DOWNLOAD_CHUNK_BYTES)
+            while True:
+                yield message
+                offset += len(message.data)
+                data = await asyncio.to_thread(artifact.read, DOWNLOAD_CHUNK_BYTES)
+                if not data:
+                    return
+                message = rpc.DownloadArtifactResponse(offset=offset, data=data)
+
+    # -- attachments ---------------------------------------------------------
+
+    async def CreateAttachment(self, request: rpc.CreateAttachmentRequest, context: Any) -> Any:
+        ref = _exact_version(request.parent, "parent")
+        attachment_id = request.attachment_id or f"a-{uuid.uuid4().hex[:12]}"
+        names.check_id(attachment_id, field="attachment_id")
+        validation.raise_if_any(
+            validation.attachment_violations(request.attachment, "attachment"), "invalid attachment"
+        )
+        attachment = await asyncio.to_thread(
+            self._store.create_attachment,
+            ref,
+            attachment_id,
+            request.attachment,
+            principal=caller_principal(context),
+            request_id=request.request_id,
+            request_hash=request_hash(request),
+        )
+        return rpc.CreateAttachmentResponse(attachment=attachment)
+
+    async def GetAttachment(self, request: rpc.GetAttachmentRequest, context: Any) -> Any:
+        parent, separator, attachment_id = request.name.rpartition("/attachments/")
+        if not separator:
+            raise _invalid("name", "expected models/{m}/versions/{v}/attachments/{attachment}")
+        _exact_version(parent, "name")
+        names.check_id(attachment_id, field="name")
+        attachment = await asyncio.to_thread(self._store.get_attachment, request.name)
+        return rpc.GetAttachmentResponse(attachment=attachment)
+
+    async def ListAttachments(self, request: rpc.ListAttachmentsRequest, context: Any) -> Any:
+        ref = _version_ref(request.parent, "parent")
+        size = pagination.page_size(request.page_size)
+        restrictions = parse_filter(request.filter, queries.ATTACHMENT_FILTERS)
+        _, descending = queries.parse_order(request.order_by, ("create_time",), "create_time desc")
+        fingerprint = pagination.fingerprint(request.parent, request.filter, request.order_by)
+        cursor = pagination.decode_page_token(request.page_token, fingerprint)
+        _, page = await asyncio.to_thread(
+            self._store.list_attachments,
+            ref,
+            restrictions,
+            queries.resolve_attachment,
+            newest_first=descending,
+            offset=cursor.offset,
+            limit=size,
+        )
+        return rpc.ListAttachmentsResponse(
+            attachments=page.items,
+            next_page_token=_next_token(page.has_more, cursor, size, fingerprint),
+        )
+
+    # -- aliases -------------------------------------------------------------
+
+    async def SetAlias(self, request: rpc.SetAliasRequest, context: Any) -> Any:
+        model_id, alias_id = _alias_name(request.name)
+        target = _exact_version(request.version, "version")
+        violations = list(validation.reason_violations(request.reason, required=True))
+        if target.model != model_id:
+            violations.append(FieldViolation("version", f"must be a version of models/{model_id}"))
+        if request.expected_version not in ("", "-"):
+            _exact_version(request.expected_version, "expected_version")
+        validation.raise_if_any(violations, "invalid alias change")
+        principal = caller_principal(context)
+        model = await asyncio.to_thread(self._store.get_model, model_id)
+        version = await asyncio.to_thread(
+            self._store.get_version, target, pb.MODEL_VERSION_VIEW_FULL
+        )
+        decision = await self._gate.evaluate(
+            model=model,
+            version=version,
+            alias_id=alias_id,
+            principal=principal,
+            reason=request.reason,
+        )
+        alias = await asyncio.to_thread(
+            self._store.set_alias,
+            model_id,
+            alias_id,
+            target.version or 0,
+            principal=principal,
+            reason=request.reason,
+            decision=decision,
+            expected_version=request.expected_version,
+        )
+        self._watch_hub.notify()
+        return rpc.SetAliasResponse(alias=alias)
+
+    async def DeleteAlias(self, request: rpc.DeleteAliasRequest, context: Any) -> Any:
+        model_id, alias_id = _alias_name(request.name)
+        validation.raise_if_any(
+            validation.reason_violations(request.reason, required=True), "invalid alias deletion"
+        )
+        if request.expected_version:
+            _exact_version(request.expected_version, "expected_version")
+        alias = await asyncio.to_thread(
+            self._store.delete_alias,
+            model_id,
+            alias_id,
+            principal=caller_principal(context),
+            reason=request.reason,
+            expected_version=request.expected_version,
+        )
+        self._watch_hub.notify()
+        return rpc.DeleteAliasResponse(alias=alias)
+
+    async def ListAliases(self, request: rpc.ListAliasesRequest, context: Any) -> Any:
+        model_id = _parent_model(request.parent)
+        size = pagination.page_size(request.page_size)
+        fingerprint = pagination.fingerprint(request.parent)
+        cursor = pagination.decode_page_token(request.page_token, fingerprint)
+        aliases, _ = await asyncio.to_thread(self._store.alias_snapshot, model_id)
+        page = aliases[cursor.offset : cursor.offset + size]
+        has_more = len(aliases) > cursor.offset + size
+        return rpc.ListAliasesResponse(
+            aliases=page, next_page_token=_next_token(has_more, cursor, size, fingerprint)
+        )
+
+    async def WatchAliases(
+        self, request: rpc.WatchAliasesRequest, context: Any
+    ) -> AsyncIterator[rpc.WatchAliasesResponse]:
+        model_id = _parent_model(request.parent)
+        for i, alias_id in enumerate(request.alias_ids):
+            validation.alias_id(alias_id, field=f"alias_ids[{i}]")
+        if request.start_revision < 0:
+            raise _invalid("start_revision", "0 for the current state, or a revision received")
+        async for event in self._watch_hub.watch(
+            model_id, list(request.alias_ids), request.start_revision
+        ):
+            yield event
+
+    # -- lineage -------------------------------------------------------------
+
+    async def GetLineage(self, request: rpc.GetLineageRequest, context: Any) -> Any:
+        ref = _version_ref(request.name)
+        if request.max_depth < 0:
+            raise _invalid("max_depth", "0 for all (at most 100), or a positive depth")
+        depth = min(request.max_depth or MAX_LINEAGE_DEPTH, MAX_LINEAGE_DEPTH)
+        direction = request.direction
+        start, ancestors, descendants = await asyncio.to_thread(
+            self._store.lineage,
+            ref,
+            ancestors=direction != pb.LINEAGE_DIRECTION_DESCENDANTS,
+            descendants=direction != pb.LINEAGE_DIRECTION_ANCESTORS,
+            max_depth=depth,
+        )
+        returned = [start, *ancestors, *descendants]
+        known = {v.name for v in returned}
+        edges = [
+            pb.LineageEdge(
+                parent_version=v.lineage.parent_version,
+                child_version=v.name,
+                transformation=v.lineage.transformation,
+            )
+            for v in returned
+            if v.lineage.parent_version in known
+        ]
+        return rpc.GetLineageResponse(
+            model_version=start, ancestors=ancestors, descendants=descendants, edges=edges
+        )
+
+
+def _invalid(field: str, description: str) -> InvalidArgumentError:
+    return InvalidArgumentError(
+        f"{field}: {description}", violations=[FieldViolation(field, description)]
+    )
+
+
+def _next_token(has_more: bool, cursor: pagination.PageCursor, size: int, fingerprint: str) -> str:
+    if not has_more:
+        return ""
+    return pagination.encode_page_token(pagination.PageCursor(cursor.offset + size), fingerprint)
+
+
+def _version_ref(name: str, field: str = "name") -> names.ModelVersionRef:
+    """A version name or an alias reference (``@latest`` included)."""
+    ref = names.parse_model_version_ref(name, field=field)
+    if ref.alias is not None and ref.alias != LATEST:
+        validation.alias_id(ref.alias, field=field)
+    return ref
+
+
+def _exact_version(name: str, field: str) -> names.ModelVersionRef:
+    ref = names.parse_model_version_ref(name, field=field)
+    if ref.version is None:
+        raise _invalid(field, "a version name (models/{m}/versions/{v}), not an alias")
+    return ref
+
+
+def _parent_model(parent: str) -> str | None:
+    """The model id of a List parent; None for ``models/-`` (every model)."""
+    if parent == ALL_MODELS:
+        return None
+    return names.parse_model_name(parent, field="parent")
+
+
+def _alias_name(name: str) -> tuple[str, str]:
+    model_name, separator, alias_id = name.partition("/aliases/")
+    if not separator:
+        raise _invalid("name", "expected models/{model}/aliases/{alias}")
+    return names.parse_model_name(model_name), validation.alias_id(alias_id)

@@ -1,0 +1,32 @@
+"""Settings of the registry (``CONVEYOR_REGISTRY_<FIELD>``)."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import ClassVar
+
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
+from conveyor.shared.settings import ServiceSettings
+
+GIB = 1024**3
+
+
+class RegistrySettings(ServiceSettings):
+    """Settings of the registry service."""
+
+    model_config = SettingsConfigDict(env_prefix="CONVEYOR_REGISTRY_")
+    service_name: ClassVar[str] = "registry"
+
+    database_url: str | None = None
+    """SQLAlchemy URL of the metadata database, e.g.
+    ``postgresql+psycopg://registry@db:5432/registry``. Unset: SQLite (WAL) at
+    ``<data_dir>/registry/registry.db``. Migrations run at start-up."""
+
+    max_artifact_bytes: int = Field(default=64 * GIB, ge=1)
+    """Largest artifact an upload may declare."""
+
+    watch_poll_interval: timedelta = timedelta(seconds=1)
+    """How often alias watchers look for changes made by other registry replicas
+    (changes made by this process reach them at once)."""
