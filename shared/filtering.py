@@ -95,7 +95,9 @@ def _parse_restriction(text: str, fields: Mapping[str, FilterField]) -> Restrict
     if spec is None:
         known = ", ".join(sorted(f.rstrip(".") + (".*" if f.endswith(".") else "") for f in fields))
         raise _invalid(f"cannot filter on {name!r}; supported: {known}")
-    if op not in _OPERATORS[spec.kind]:
+    numeric = spec.kind is FieldKind.NUMBER or (spec.kind is FieldKind.MAP and spec.numeric_values)
+    operators = _OPERATORS[FieldKind.NUMBER] | {":"} if numeric else _OPERATORS[spec.kind]
+    if op not in operators:
         raise _invalid(f"{name!r} does not support {op!r}")
     if spec.kind is FieldKind.MAP and "." not in name:
         raise _invalid(f"{name!r} needs a key, as in {name}.key")
@@ -106,14 +108,11 @@ def _parse_restriction(text: str, fields: Mapping[str, FilterField]) -> Restrict
         raise _invalid(f"'*' only works with ':' (in {text!r})")
     if spec.kind is FieldKind.PRESENCE and raw != "*":
         raise _invalid(f"{name!r} can only be tested for presence: {name}:*")
-    numeric = spec.kind is FieldKind.NUMBER or (spec.kind is FieldKind.MAP and spec.numeric_values)
     if numeric and raw != "*":
         try:
             value = float(text_value)
         except ValueError:
             raise _invalid(f"{name!r} compares numbers, got {raw!r}") from None
-    elif spec.kind is FieldKind.MAP and op not in {"=", "!=", ":"}:
-        raise _invalid(f"{name!r} does not support {op!r}")
     elif spec.kind is FieldKind.TIMESTAMP:
         try:
             value = datetime.fromisoformat(text_value.replace("Z", "+00:00"))

@@ -22,7 +22,7 @@ from conveyor.shared import names, pagination
 from conveyor.shared.auth import caller_principal
 from conveyor.shared.errors import FailedPreconditionError, FieldViolation, InvalidArgumentError
 from conveyor.shared.filtering import parse_filter
-from conveyor.shared.storage.blobs import BlobInfo
+from conveyor.shared.storage.blobs import BlobInfo, DigestMismatchError
 
 DOWNLOAD_CHUNK_BYTES = 1024 * 1024
 MAX_LINEAGE_DEPTH = 100
@@ -214,9 +214,20 @@ class RegistryServicer(registry_service_pb2_grpc.RegistryServiceServicer):
                 if writer.size_bytes + len(message.chunk) > metadata.size_bytes:
                     raise _invalid("metadata.size_bytes", "more bytes arrived than were declared")
                 writer.write(message.chunk)
-            return await asyncio.to_thread(
-                writer.commit, expected_sha256=metadata.sha256, expected_size=metadata.size_bytes
-            )
+            try:
+                return await asyncio.to_thread(
+                    writer.commit,
+                    expected_sha256=metadata.sha256,
+                    expected_size=metadata.size_bytes,
+                )
+            except DigestMismatchError as mismatch:
+                field = "size_bytes" if "declared_size" in mismatch.metadata else "sha256"
+                raise InvalidArgumentError(
+                    mismatch.message,
+                    violations=[FieldViolation(f"metadata.{field}", mismatch.message)],
+                    reason=mismatch.reason,
+                    metadata=mismatch.metadata,
+                ) from mismatch
 
     async def GetModelVersion(self, request: rpc.GetModelVersionRequest, context: Any) -> Any:
         ref = _version_ref(request.name)
