@@ -20,7 +20,6 @@ from conveyor.services.registry.settings import RegistrySettings
 from conveyor.shared.errors import from_rpc_error
 from tests.registry.test_models import expect_error
 from tests.support.registry import (
-    a_version,
     create_model,
     create_version,
     download,

@@ -21,7 +21,8 @@ import sqlalchemy
 
 
 def _binary(name: str) -> str:
-    found = shutil.which(name) or next(iter(sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"))), None)
+    installed = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"))
+    found = shutil.which(name) or (installed[-1] if installed else None)
     if found is None:
         raise RuntimeError(
             f"PostgreSQL's {name} is not installed: apt-get install postgresql (.ci/run does)"
@@ -53,8 +54,17 @@ class ThrowawayPostgres:
         data = self.directory / "data"
         self._run(_binary("initdb"), "-D", str(data), "-A", "trust", "-U", "test", "-E", "UTF8")
         options = f"-p {self.port} -k {self.directory} -c listen_addresses=127.0.0.1 -c fsync=off"
-        self._run(_binary("pg_ctl"), "-D", str(data), "-o", options, "-l",
-                  str(self.directory / "log"), "-w", "start")
+        self._run(
+            _binary("pg_ctl"),
+            "-D",
+            str(data),
+            "-o",
+            options,
+            "-l",
+            str(self.directory / "log"),
+            "-w",
+            "start",
+        )
 
     def stop(self) -> None:
         self._run(_binary("pg_ctl"), "-D", str(self.directory / "data"), "-m", "fast", "-w", "stop")

@@ -24,7 +24,9 @@ def a_version(**fields: object) -> pb.ModelVersion:
         "task": pb.TASK_TYPE_BINARY_CLASSIFICATION,
         "signature": pb.ModelSignature(
             inputs=[pb.TensorSpec(name="input", dtype=pb.TENSOR_DATA_TYPE_FP32, shape=[-1, 30])],
-            outputs=[pb.TensorSpec(name="probabilities", dtype=pb.TENSOR_DATA_TYPE_FP32, shape=[-1, 2])],
+            outputs=[
+                pb.TensorSpec(name="probabilities", dtype=pb.TENSOR_DATA_TYPE_FP32, shape=[-1, 2])
+            ],
         ),
         "metrics": {"accuracy": 0.97},
     }
@@ -79,7 +81,8 @@ async def download(
     registry: registry_service_pb2_grpc.RegistryServiceAsyncStub, name: str, offset: int = 0
 ) -> tuple[list[rpc.DownloadArtifactResponse], bytes]:
     messages = [
-        m async for m in registry.DownloadArtifact(
+        m
+        async for m in registry.DownloadArtifact(
             rpc.DownloadArtifactRequest(name=name, offset=offset), timeout=60
         )
     ]
