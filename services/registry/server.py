@@ -14,6 +14,7 @@ from conveyor.services.registry.watch import AliasWatchHub
 from conveyor.shared.server import ConveyorServer, ServiceRegistration, create_server
 from conveyor.shared.storage import BlobStore, create_engine
 from conveyor.shared.storage.database import sqlite_url
+from conveyor.shared.workers import WorkerThreads
 
 logger = logging.getLogger(__name__)
 
@@ -24,7 +25,10 @@ def open_store(settings: RegistrySettings) -> RegistryStore:
     """The store under the settings' database and data directory, migrated."""
     directory = settings.service_data_dir
     directory.mkdir(parents=True, exist_ok=True)
-    engine = create_engine(settings.database_url or sqlite_url(directory / "registry.db"))
+    engine = create_engine(
+        settings.database_url or sqlite_url(directory / "registry.db"),
+        pool_size=settings.worker_threads,
+    )
     upgrade_to_head(engine)
     return RegistryStore(engine, BlobStore(directory / "blobs"))
 
@@ -37,10 +41,14 @@ async def build_server(
     removed = await asyncio.to_thread(store.collect_garbage)
     if removed:
         logger.info("removed orphaned blobs", extra={"count": removed})
-    watch_hub = AliasWatchHub(store, poll_interval_s=settings.watch_poll_interval.total_seconds())
+    workers = WorkerThreads(settings.worker_threads, name="registry-store")
+    watch_hub = AliasWatchHub(
+        store, workers, poll_interval_s=settings.watch_poll_interval.total_seconds()
+    )
     servicer = RegistryServicer(
         store,
         watch_hub,
+        workers,
         gate=gate or NoPromotionGate(),
         max_artifact_bytes=settings.max_artifact_bytes,
     )
@@ -56,5 +64,6 @@ async def build_server(
         ],
     )
     server.before_stop.append(watch_hub.close)
-    server.on_shutdown.append(store.engine.dispose)
+    # Threads of cancelled calls may still hold connections: let them finish first.
+    server.on_shutdown.extend([workers.shutdown, store.engine.dispose])
     return server

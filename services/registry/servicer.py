@@ -7,7 +7,6 @@ and mapped to statuses by the shared interceptor.
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any, Protocol
@@ -23,6 +22,7 @@ from conveyor.shared.auth import caller_principal
 from conveyor.shared.errors import FailedPreconditionError, FieldViolation, InvalidArgumentError
 from conveyor.shared.filtering import parse_filter
 from conveyor.shared.storage.blobs import BlobInfo, DigestMismatchError
+from conveyor.shared.workers import WorkerThreads
 
 DOWNLOAD_CHUNK_BYTES = 1024 * 1024
 MAX_LINEAGE_DEPTH = 100
@@ -67,11 +67,13 @@ class RegistryServicer(registry_service_pb2_grpc.RegistryServiceServicer):
         self,
         store: RegistryStore,
         watch_hub: AliasWatchHub,
+        workers: WorkerThreads,
         *,
         gate: PromotionGate,
         max_artifact_bytes: int,
     ) -> None:
         self._store = store
+        self._workers = workers
         self._watch_hub = watch_hub
         self._gate = gate
         self._max_artifact_bytes = max_artifact_bytes
@@ -82,7 +84,7 @@ class RegistryServicer(registry_service_pb2_grpc.RegistryServiceServicer):
         model_id = request.model_id or f"model-{uuid.uuid4().hex[:12]}"
         names.check_id(model_id, field="model_id")
         validation.raise_if_any(validation.model_violations(request.model), "invalid model")
-        model = await asyncio.to_thread(
+        model = await self._workers.run(
             self._store.create_model,
             model_id,
             request.model,
@@ -94,7 +96,7 @@ class RegistryServicer(registry_service_pb2_grpc.RegistryServiceServicer):
 
     async def GetModel(self, request: rpc.GetModelRequest, context: Any) -> Any:
         model_id = names.parse_model_name(request.name)
-        return rpc.GetModelResponse(model=await asyncio.to_thread(self._store.get_model, model_id))
+        return rpc.GetModelResponse(model=await self._workers.run(self._store.get_model, model_id))
 
     async def ListModels(self, request: rpc.ListModelsRequest, context: Any) -> Any:
         size = pagination.page_size(request.page_size)
@@ -106,7 +108,7 @@ class RegistryServicer(registry_service_pb2_grpc.RegistryServiceServicer):
             request.filter, request.order_by, request.show_archived
         )
         cursor = pagination.decode_page_token(request.page_token, fingerprint)
-        page = await asyncio.to_thread(
+        page = await self._workers.run(
             self._store.list_models,
             restrictions,
             queries.resolve_model,
@@ -131,21 +133,21 @@ class RegistryServicer(registry_service_pb2_grpc.RegistryServiceServicer):
             ),
             "invalid model",
         )
-        model = await asyncio.to_thread(
+        model = await self._workers.run(
             self._store.update_model, model_id, request.model, paths, etag=request.model.etag
         )
         return rpc.UpdateModelResponse(model=model)
 
     async def ArchiveModel(self, request: rpc.ArchiveModelRequest, context: Any) -> Any:
         model_id = names.parse_model_name(request.name)
-        model = await asyncio.to_thread(
+        model = await self._workers.run(
             self._store.set_model_state, model_id, "ARCHIVED", etag=request.etag
         )
         return rpc.ArchiveModelResponse(model=model)
 
     async def UnarchiveModel(self, request: rpc.UnarchiveModelRequest, context: Any) -> Any:
         model_id = names.parse_model_name(request.name)
-        model = await asyncio.to_thread(self._store.set_model_state, model_id, "ACTIVE")
+        model = await self._workers.run(self._store.set_model_state, model_id, "ACTIVE")
         return rpc.UnarchiveModelResponse(model=model)
 
     # -- versions and artifacts ----------------------------------------------
@@ -170,24 +172,24 @@ class RegistryServicer(registry_service_pb2_grpc.RegistryServiceServicer):
             "invalid model version",
         )
         fingerprint = request_hash(metadata)
-        done = await asyncio.to_thread(
+        done = await self._workers.run(
             self._store.find_request, metadata.request_id, "CreateModelVersion", fingerprint
         )
         if done is not None:  # a retry of a finished upload: no need for the bytes
-            version = await asyncio.to_thread(
+            version = await self._workers.run(
                 self._store.get_version,
                 names.parse_model_version_ref(done),
                 pb.MODEL_VERSION_VIEW_FULL,
             )
             return rpc.CreateModelVersionResponse(model_version=version)
         # Refuse an unknown or archived model before receiving any bytes.
-        model = await asyncio.to_thread(self._store.get_model, model_id)
+        model = await self._workers.run(self._store.get_model, model_id)
         if model.state != pb.MODEL_STATE_ACTIVE:
             raise FailedPreconditionError(
                 f"{model.name} is archived: it takes no new versions", reason="MODEL_ARCHIVED"
             )
         artifact = await self._receive_artifact(request_iterator, metadata)
-        version = await asyncio.to_thread(
+        version = await self._workers.run(
             self._store.create_version,
             model_id,
             metadata.model_version,
@@ -215,7 +217,7 @@ class RegistryServicer(registry_service_pb2_grpc.RegistryServiceServicer):
                     raise _invalid("metadata.size_bytes", "more bytes arrived than were declared")
                 writer.write(message.chunk)
             try:
-                return await asyncio.to_thread(
+                return await self._workers.run(
                     writer.commit,
                     expected_sha256=metadata.sha256,
                     expected_size=metadata.size_bytes,
@@ -232,7 +234,7 @@ class RegistryServicer(registry_service_pb2_grpc.RegistryServiceServicer):
     async def GetModelVersion(self, request: rpc.GetModelVersionRequest, context: Any) -> Any:
         ref = _version_ref(request.name)
         view = request.view or pb.MODEL_VERSION_VIEW_FULL
-        version = await asyncio.to_thread(self._store.get_version, ref, view)
+        version = await self._workers.run(self._store.get_version, ref, view)
         return rpc.GetModelVersionResponse(model_version=version)
 
     async def ListModelVersions(self, request: rpc.ListModelVersionsRequest, context: Any) -> Any:
@@ -246,7 +248,7 @@ class RegistryServicer(registry_service_pb2_grpc.RegistryServiceServicer):
             request.parent, request.filter, request.order_by, request.show_archived, request.view
         )
         cursor = pagination.decode_page_token(request.page_token, fingerprint)
-        page = await asyncio.to_thread(
+        page = await self._workers.run(
             self._store.list_versions,
             model_id,
             restrictions,
@@ -273,7 +275,7 @@ class RegistryServicer(registry_service_pb2_grpc.RegistryServiceServicer):
             ),
             "invalid model version",
         )
-        version = await asyncio.to_thread(
+        version = await self._workers.run(
             self._store.update_version,
             ref,
             request.model_version,
@@ -287,7 +289,7 @@ class RegistryServicer(registry_service_pb2_grpc.RegistryServiceServicer):
         self, request: rpc.ArchiveModelVersionRequest, context: Any
     ) -> Any:
         ref = _exact_version(request.name, "name")
-        version = await asyncio.to_thread(
+        version = await self._workers.run(
             self._store.set_version_state, ref, "ARCHIVED", etag=request.etag
         )
         return rpc.ArchiveModelVersionResponse(model_version=version)
@@ -296,14 +298,14 @@ class RegistryServicer(registry_service_pb2_grpc.RegistryServiceServicer):
         self, request: rpc.UnarchiveModelVersionRequest, context: Any
     ) -> Any:
         ref = _exact_version(request.name, "name")
-        version = await asyncio.to_thread(self._store.set_version_state, ref, "ACTIVE")
+        version = await self._workers.run(self._store.set_version_state, ref, "ACTIVE")
         return rpc.UnarchiveModelVersionResponse(model_version=version)
 
     async def DownloadArtifact(
         self, request: rpc.DownloadArtifactRequest, context: Any
     ) -> AsyncIterator[rpc.DownloadArtifactResponse]:
         ref = _version_ref(request.name)
-        version = await asyncio.to_thread(self._store.get_version, ref, pb.MODEL_VERSION_VIEW_BASIC)
+        version = await self._workers.run(self._store.get_version, ref, pb.MODEL_VERSION_VIEW_BASIC)
         size = version.artifact.size_bytes
         if not 0 <= request.offset <= size:
             raise _invalid("offset", f"must be in [0, {size}], the artifact's size")
@@ -315,11 +317,11 @@ class RegistryServicer(registry_service_pb2_grpc.RegistryServiceServicer):
             message = rpc.DownloadArtifactResponse(
                 artifact=version.artifact, model_version=version.name, offset=offset
             )
-            message.data = await asyncio.to_thread(artifact.read, DOWNLOAD_CHUNK_BYTES)
+            message.data = await self._workers.run(artifact.read, DOWNLOAD_CHUNK_BYTES)
             while True:
                 yield message
                 offset += len(message.data)
-                data = await asyncio.to_thread(artifact.read, DOWNLOAD_CHUNK_BYTES)
+                data = await self._workers.run(artifact.read, DOWNLOAD_CHUNK_BYTES)
                 if not data:
                     return
                 message = rpc.DownloadArtifactResponse(offset=offset, data=data)
@@ -333,7 +335,7 @@ class RegistryServicer(registry_service_pb2_grpc.RegistryServiceServicer):
         validation.raise_if_any(
             validation.attachment_violations(request.attachment, "attachment"), "invalid attachment"
         )
-        attachment = await asyncio.to_thread(
+        attachment = await self._workers.run(
             self._store.create_attachment,
             ref,
             attachment_id,
@@ -350,7 +352,7 @@ class RegistryServicer(registry_service_pb2_grpc.RegistryServiceServicer):
             raise _invalid("name", "expected models/{m}/versions/{v}/attachments/{attachment}")
         _exact_version(parent, "name")
         names.check_id(attachment_id, field="name")
-        attachment = await asyncio.to_thread(self._store.get_attachment, request.name)
+        attachment = await self._workers.run(self._store.get_attachment, request.name)
         return rpc.GetAttachmentResponse(attachment=attachment)
 
     async def ListAttachments(self, request: rpc.ListAttachmentsRequest, context: Any) -> Any:
@@ -360,7 +362,7 @@ class RegistryServicer(registry_service_pb2_grpc.RegistryServiceServicer):
         _, descending = queries.parse_order(request.order_by, ("create_time",), "create_time desc")
         fingerprint = pagination.fingerprint(request.parent, request.filter, request.order_by)
         cursor = pagination.decode_page_token(request.page_token, fingerprint)
-        _, page = await asyncio.to_thread(
+        _, page = await self._workers.run(
             self._store.list_attachments,
             ref,
             restrictions,
@@ -386,8 +388,8 @@ class RegistryServicer(registry_service_pb2_grpc.RegistryServiceServicer):
             _exact_version(request.expected_version, "expected_version")
         validation.raise_if_any(violations, "invalid alias change")
         principal = caller_principal(context)
-        model = await asyncio.to_thread(self._store.get_model, model_id)
-        version = await asyncio.to_thread(
+        model = await self._workers.run(self._store.get_model, model_id)
+        version = await self._workers.run(
             self._store.get_version, target, pb.MODEL_VERSION_VIEW_FULL
         )
         decision = await self._gate.evaluate(
@@ -397,7 +399,7 @@ class RegistryServicer(registry_service_pb2_grpc.RegistryServiceServicer):
             principal=principal,
             reason=request.reason,
         )
-        alias = await asyncio.to_thread(
+        alias = await self._workers.run(
             self._store.set_alias,
             model_id,
             alias_id,
@@ -417,7 +419,7 @@ class RegistryServicer(registry_service_pb2_grpc.RegistryServiceServicer):
         )
         if request.expected_version:
             _exact_version(request.expected_version, "expected_version")
-        alias = await asyncio.to_thread(
+        alias = await self._workers.run(
             self._store.delete_alias,
             model_id,
             alias_id,
@@ -433,7 +435,7 @@ class RegistryServicer(registry_service_pb2_grpc.RegistryServiceServicer):
         size = pagination.page_size(request.page_size)
         fingerprint = pagination.fingerprint(request.parent)
         cursor = pagination.decode_page_token(request.page_token, fingerprint)
-        aliases, _ = await asyncio.to_thread(self._store.alias_snapshot, model_id)
+        aliases, _ = await self._workers.run(self._store.alias_snapshot, model_id)
         page = aliases[cursor.offset : cursor.offset + size]
         has_more = len(aliases) > cursor.offset + size
         return rpc.ListAliasesResponse(
@@ -461,7 +463,7 @@ class RegistryServicer(registry_service_pb2_grpc.RegistryServiceServicer):
             raise _invalid("max_depth", "0 for all (at most 100), or a positive depth")
         depth = min(request.max_depth or MAX_LINEAGE_DEPTH, MAX_LINEAGE_DEPTH)
         direction = request.direction
-        start, ancestors, descendants = await asyncio.to_thread(
+        start, ancestors, descendants = await self._workers.run(
             self._store.lineage,
             ref,
             ancestors=direction != pb.LINEAGE_DIRECTION_DESCENDANTS,

@@ -27,6 +27,9 @@ class RegistrySettings(ServiceSettings):
     max_artifact_bytes: int = Field(default=64 * GIB, ge=1)
     """Largest artifact an upload may declare."""
 
+    worker_threads: int = Field(default=8, ge=1, le=64)
+    """Threads that run database and file work; also the database pool's size."""
+
     watch_poll_interval: timedelta = timedelta(seconds=1)
     """How often alias watchers look for changes made by other registry replicas
     (changes made by this process reach them at once)."""

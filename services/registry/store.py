@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
@@ -21,6 +22,7 @@ from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 from sqlalchemy import func, insert, select, update
 from sqlalchemy.engine import Connection, Engine, Row
+from sqlalchemy.exc import IntegrityError
 
 from conveyor.registry.v1 import resources_pb2 as pb
 from conveyor.services.registry import schema
@@ -28,6 +30,7 @@ from conveyor.shared import names
 from conveyor.shared.errors import (
     AbortedError,
     AlreadyExistsError,
+    ConveyorError,
     FailedPreconditionError,
     NotFoundError,
 )
@@ -92,17 +95,18 @@ class RegistryStore:
             body, "name", "state", "aliases", "latest_version", "create_time", "update_time", "etag"
         )
         body.created_by = principal
-        with write_transaction(self.engine) as db:
+        exists = AlreadyExistsError(
+            f"model models/{model_id} already exists",
+            reason="MODEL_EXISTS",
+            metadata={"name": f"models/{model_id}"},
+        )
+        with _conflict_means(exists), write_transaction(self.engine) as db:
             if (done := _find_request(db, request_id, "CreateModel", request_hash)) is not None:
                 return self._model(db, names.parse_model_name(done))
             if db.execute(
                 select(schema.models.c.id).where(schema.models.c.model_id == model_id)
             ).first():
-                raise AlreadyExistsError(
-                    f"model models/{model_id} already exists",
-                    reason="MODEL_EXISTS",
-                    metadata={"name": f"models/{model_id}"},
-                )
+                raise exists
             db.execute(
                 insert(schema.models).values(
                     model_id=model_id,
@@ -156,7 +160,7 @@ class RegistryStore:
         self, model_id: str, changes: pb.Model, paths: Sequence[str], *, etag: str
     ) -> pb.Model:
         with write_transaction(self.engine) as db:
-            row = _model_row(db, model_id)
+            row = _model_row(db, model_id, lock=True)
             _check_etag(etag, row.etag, f"models/{model_id}")
             body = pb.Model.FromString(row.body)
             for path in paths:
@@ -170,7 +174,7 @@ class RegistryStore:
 
     def set_model_state(self, model_id: str, state: str, *, etag: str = "") -> pb.Model:
         with write_transaction(self.engine) as db:
-            row = _model_row(db, model_id)
+            row = _model_row(db, model_id, lock=True)
             _check_etag(etag, row.etag, f"models/{model_id}")
             if state == ARCHIVED and _aliases_by_model(db, [row.id]):
                 raise FailedPreconditionError(
@@ -301,6 +305,7 @@ class RegistryStore:
         principal: str,
     ) -> pb.ModelVersion:
         with write_transaction(self.engine) as db:
+            _model_row(db, ref.model, lock=True)  # serialise changes to its versions
             row = _version_row(db, ref)
             _check_etag(etag, row.etag, str(ref))
             body = pb.ModelVersion.FromString(row.body)
@@ -330,6 +335,7 @@ class RegistryStore:
         self, ref: names.ModelVersionRef, state: str, *, etag: str = ""
     ) -> pb.ModelVersion:
         with write_transaction(self.engine) as db:
+            _model_row(db, ref.model, lock=True)  # serialise changes to its versions
             row = _version_row(db, ref)
             _check_etag(etag, row.etag, str(ref))
             if state == ARCHIVED and (held := _aliases_by_version(db, [row.id]).get(row.id)):
@@ -369,7 +375,11 @@ class RegistryStore:
             principal,
         )
         body.create_time.FromDatetime(now)
-        with write_transaction(self.engine) as db:
+        name = f"{ref}/attachments/{attachment_id}"
+        duplicate = AlreadyExistsError(
+            f"{name} already exists", reason="ATTACHMENT_EXISTS", metadata={"name": name}
+        )
+        with _conflict_means(duplicate), write_transaction(self.engine) as db:
             if (
                 done := _find_request(db, request_id, "CreateAttachment", request_hash)
             ) is not None:
@@ -383,11 +393,7 @@ class RegistryStore:
                 )
             ).first()
             if exists:
-                raise AlreadyExistsError(
-                    f"{body.name} already exists",
-                    reason="ATTACHMENT_EXISTS",
-                    metadata={"name": body.name},
-                )
+                raise duplicate
             db.execute(
                 insert(schema.attachments).values(
                     version_pk=version.id,
@@ -474,7 +480,7 @@ class RegistryStore:
         expected_version: str,
     ) -> pb.Alias:
         with write_transaction(self.engine) as db:
-            model = _model_row(db, model_id)
+            model = _model_row(db, model_id, lock=True)  # one alias change per model at a time
             if model.state != ACTIVE:
                 raise FailedPreconditionError(
                     f"models/{model_id} is archived", reason="MODEL_ARCHIVED"
@@ -535,7 +541,7 @@ class RegistryStore:
         self, model_id: str, alias_id: str, *, principal: str, reason: str, expected_version: str
     ) -> pb.Alias:
         with write_transaction(self.engine) as db:
-            model = _model_row(db, model_id)
+            model = _model_row(db, model_id, lock=True)  # one alias change per model at a time
             current = _alias_row(db, model.id, alias_id)
             if current is None:
                 raise NotFoundError(
@@ -677,6 +683,15 @@ _EVENT_TYPES: dict[str, pb.AliasEventType.ValueType] = {
 }
 
 
+@contextmanager
+def _conflict_means(error: ConveyorError) -> Iterator[None]:
+    """A unique-constraint violation (a concurrent twin won the race) is ``error``."""
+    try:
+        yield
+    except IntegrityError as conflict:
+        raise error from conflict
+
+
 def _matching(
     items: list[T], restrictions: list[Restriction], resolve: Callable[[T, str], object]
 ) -> list[T]:
@@ -778,8 +793,11 @@ def request_hash(message: Message) -> str:
     return hashlib.sha256(message.SerializeToString(deterministic=True)).hexdigest()
 
 
-def _model_row(db: Connection, model_id: str) -> Row[Any]:
-    row = db.execute(select(schema.models).where(schema.models.c.model_id == model_id)).first()
+def _model_row(db: Connection, model_id: str, *, lock: bool = False) -> Row[Any]:
+    """The model's row; ``lock`` holds it until the transaction ends (PostgreSQL;
+    SQLite's write transactions are serialised already)."""
+    query = select(schema.models).where(schema.models.c.model_id == model_id)
+    row = db.execute(query.with_for_update() if lock else query).first()
     if row is None:
         raise NotFoundError(
             f"models/{model_id} does not exist",

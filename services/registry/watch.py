@@ -14,13 +14,17 @@ from collections.abc import AsyncIterator
 from conveyor.registry.v1 import registry_messages_pb2 as rpc
 from conveyor.registry.v1 import resources_pb2 as pb
 from conveyor.services.registry.store import RegistryStore
+from conveyor.shared.workers import WorkerThreads
 
 
 class AliasWatchHub:
     """Serves WatchAliases streams from the store's alias history."""
 
-    def __init__(self, store: RegistryStore, *, poll_interval_s: float) -> None:
+    def __init__(
+        self, store: RegistryStore, workers: WorkerThreads, *, poll_interval_s: float
+    ) -> None:
         self._store = store
+        self._workers = workers
         self._poll_interval_s = poll_interval_s
         self._changed = asyncio.Event()
         self._closed = False
@@ -40,11 +44,11 @@ class AliasWatchHub:
     ) -> AsyncIterator[rpc.WatchAliasesResponse]:
         history = None
         if start_revision:
-            history = await asyncio.to_thread(
+            history = await self._workers.run(
                 self._store.alias_events_after, start_revision, model_id, alias_ids
             )
         if history is None:  # a fresh watch, or the history to resume from is gone
-            aliases, last = await asyncio.to_thread(self._store.alias_snapshot, model_id, alias_ids)
+            aliases, last = await self._workers.run(self._store.alias_snapshot, model_id, alias_ids)
             for alias in aliases:
                 yield rpc.WatchAliasesResponse(
                     type=pb.ALIAS_EVENT_TYPE_EXISTING, alias=alias, revision=alias.revision
@@ -58,7 +62,7 @@ class AliasWatchHub:
         yield rpc.WatchAliasesResponse(type=pb.ALIAS_EVENT_TYPE_SYNCED, revision=last)
         while not self._closed:
             changed = self._changed  # taken before reading, so no change slips between
-            found = await asyncio.to_thread(
+            found = await self._workers.run(
                 self._store.alias_events_after, last, model_id, alias_ids
             )
             if found is not None:

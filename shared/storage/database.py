@@ -23,22 +23,29 @@ def sqlite_url(path: Path) -> str:
     return f"sqlite:///{path}"
 
 
-def create_engine(url: str, *, echo: bool = False) -> Engine:
+def create_engine(url: str, *, echo: bool = False, pool_size: int = 5) -> Engine:
     """An engine for ``url``.
 
     SQLite files get WAL journaling (readers never block the writer), foreign
     keys, ``synchronous=NORMAL`` (a committed transaction survives a process
     crash; WAL keeps the file consistent on power loss) and a busy timeout so
     concurrent writers queue instead of failing. PostgreSQL URLs
-    (``postgresql+psycopg://...``) get a pre-ping pool.
+    (``postgresql+psycopg://...``) get a pre-ping pool. ``pool_size`` connections
+    stay open (and as many more may open under load).
     """
     parsed = sqlalchemy.make_url(url)
     if parsed.get_backend_name() != "sqlite":
-        return sqlalchemy.create_engine(url, echo=echo, pool_pre_ping=True)
+        return sqlalchemy.create_engine(
+            url, echo=echo, pool_pre_ping=True, pool_size=pool_size, max_overflow=pool_size
+        )
     if parsed.database and parsed.database != ":memory:":
         Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
     engine = sqlalchemy.create_engine(
-        url, echo=echo, connect_args={"check_same_thread": False, "timeout": 30}
+        url,
+        echo=echo,
+        pool_size=pool_size,
+        max_overflow=pool_size,
+        connect_args={"check_same_thread": False, "timeout": 30},
     )
     event.listen(engine, "connect", _configure_sqlite_connection)
     event.listen(engine, "begin", _begin_sqlite_transaction)
