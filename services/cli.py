@@ -4,24 +4,32 @@
 ``conveyor up`` runs every implemented service, each in its own process, on
 loopback with embedded defaults, prints their addresses and drains them all on
 Ctrl-C or SIGTERM; ``conveyor health HOST:PORT`` exits 0 when a server is SERVING.
+``conveyor models …`` lists, shows, uploads, downloads and aliases models in a
+registry and ``conveyor registry backup|restore`` snapshots one
+(:mod:`conveyor.services.registry.cli`; this module only wires their arguments).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import ctypes
+import ctypes.util
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from conveyor.services import catalog
+from conveyor.services.registry import cli as registry_cli
+from conveyor.services.registry import cli_transfer as transfer
 from conveyor.shared.ports import default_address
 from conveyor.shared.settings import TelemetrySettings
 from conveyor.shared.telemetry import (
@@ -43,6 +51,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _up(data_dir=args.data_dir, host=args.host)
     if args.command == "health":
         return _health(args.address, service=args.service)
+    handler: Callable[[argparse.Namespace], int] | None = getattr(args, "handler", None)
+    if handler is not None:
+        return handler(args)
     parser.print_help()
     return 2
 
@@ -60,7 +71,165 @@ def _parser() -> argparse.ArgumentParser:
     health = commands.add_parser("health", help="exit 0 if a server reports SERVING")
     health.add_argument("address", help="HOST:PORT")
     health.add_argument("--service", default="", help="one service's full name (default: all)")
+    _add_models_commands(commands)
+    _add_registry_commands(commands)
     return parser
+
+
+Handler = Callable[[argparse.Namespace], int]
+_Subparsers = argparse._SubParsersAction  # argparse exposes no public name for it
+
+
+def _add_models_commands(commands: _Subparsers[argparse.ArgumentParser]) -> None:
+    client = argparse.ArgumentParser(add_help=False)
+    client.add_argument(
+        "--registry",
+        metavar="HOST:PORT",
+        help="registry address (default: $CONVEYOR_REGISTRY_ADDR, else 127.0.0.1:50051)",
+    )
+    client.add_argument(
+        "--timeout",
+        type=_seconds,
+        metavar="SECONDS",
+        help="deadline per call (default: 30; uploads and downloads: 3600)",
+    )
+    machine = argparse.ArgumentParser(add_help=False)
+    machine.add_argument("--json", action="store_true", help="print JSON (the API's messages)")
+    models = commands.add_parser("models", help="list, inspect, upload, download, alias models")
+    models.set_defaults(handler=_usage(models))
+    sub = models.add_subparsers(metavar="COMMAND")
+
+    def command(
+        name: str, run: registry_cli.Command, help: str, json: bool = False
+    ) -> argparse.ArgumentParser:
+        parents = [client, machine] if json else [client]
+        parser = sub.add_parser(name, help=help, description=help, parents=parents)
+        parser.set_defaults(handler=partial(registry_cli.run, run))
+        return parser
+
+    listing = command("list", registry_cli.models_list, "list models", json=True)
+    listing.add_argument(
+        "--filter", help="AIP-160 filter, e.g. 'tags:\"fraud\" AND risk_tier=HIGH'"
+    )
+    listing.add_argument("--archived", action="store_true", help="include archived models")
+    show = command("show", registry_cli.models_show, "a model's fields and aliases", json=True)
+    show.add_argument("model", help="model id or models/{model}")
+    versions = command("versions", registry_cli.models_versions, "a model's versions", json=True)
+    versions.add_argument("model")
+    versions.add_argument("--filter", help="AIP-160 filter, e.g. 'metrics.accuracy>=0.9'")
+    versions.add_argument("--order-by", help="'create_time desc' (default), 'metrics.f1 desc', …")
+    versions.add_argument("--archived", action="store_true", help="include archived versions")
+    download = command("download", transfer.models_download, "download a version's artifact")
+    download.add_argument(
+        "reference",
+        type=transfer.version_reference,
+        help="MODEL@ALIAS, MODEL/versions/N or MODEL@latest",
+    )
+    download.add_argument("-o", "--output", type=Path, required=True, help="file to write")
+    download.add_argument("--resume", action="store_true", help="continue FILE.part")
+    upload = command("upload", transfer.models_upload, "upload a file as a new version")
+    upload.add_argument("model")
+    upload.add_argument("file", type=Path)
+    upload.add_argument("--format", required=True, choices=sorted(transfer.FORMATS))
+    upload.add_argument("--task", choices=sorted(transfer.TASKS))
+    upload.add_argument("--description")
+    upload.add_argument(
+        "--metrics",
+        "--metric",
+        type=transfer.metric,
+        nargs="+",
+        action="extend",
+        metavar="NAME=VALUE",
+        help="evaluation metrics, e.g. accuracy=0.97",
+    )
+    upload.add_argument(
+        "--label", type=transfer.key_value, nargs="+", action="extend", metavar="KEY=VALUE"
+    )
+    for flag in ("input", "output"):
+        upload.add_argument(
+            f"--{flag}",
+            type=transfer.tensor_spec,
+            action="append",
+            metavar="NAME:DTYPE:SHAPE",
+            help=f"an {flag} tensor of the signature, e.g. {flag}:FP32:-1,30 (repeatable)",
+        )
+    upload.add_argument("--parent", help="the version this one derives from (lineage)")
+    create = command("create", registry_cli.models_create, "create a model")
+    create.add_argument("model", help="the new model's id")
+    create.add_argument("--owner-team", required=True)
+    create.add_argument("--risk-tier", required=True, choices=("low", "medium", "high"))
+    create.add_argument("--tag", nargs="+", action="extend", help="search keywords")
+    create.add_argument("--display-name")
+    create.add_argument("--description")
+    _add_alias_commands(sub, client, machine)
+
+
+def _add_alias_commands(
+    models: _Subparsers[argparse.ArgumentParser],
+    client: argparse.ArgumentParser,
+    machine: argparse.ArgumentParser,
+) -> None:
+    alias = models.add_parser("alias", help="set, delete or list aliases")
+    alias.set_defaults(handler=_usage(alias))
+    sub = alias.add_subparsers(metavar="COMMAND")
+    set_alias = sub.add_parser("set", help="create or move an alias", parents=[client])
+    set_alias.set_defaults(handler=partial(registry_cli.run, registry_cli.alias_set))
+    set_alias.add_argument("model")
+    set_alias.add_argument("alias")
+    set_alias.add_argument("version", type=int, help="the version number to point at")
+    set_alias.add_argument("--reason", required=True, help="why (recorded in the audit log)")
+    set_alias.add_argument(
+        "--expected",
+        metavar="N|-",
+        help="only if the alias points at version N now (- : only if it does not exist)",
+    )
+    delete = sub.add_parser("delete", help="delete an alias", parents=[client])
+    delete.set_defaults(handler=partial(registry_cli.run, registry_cli.alias_delete))
+    delete.add_argument("model")
+    delete.add_argument("alias")
+    delete.add_argument("--reason", required=True, help="why (recorded in the audit log)")
+    listing = sub.add_parser("list", help="a model's aliases", parents=[client, machine])
+    listing.set_defaults(handler=partial(registry_cli.run, registry_cli.alias_list))
+    listing.add_argument("model")
+
+
+def _add_registry_commands(commands: _Subparsers[argparse.ArgumentParser]) -> None:
+    registry = commands.add_parser("registry", help="back up or restore a registry's store")
+    registry.set_defaults(handler=_usage(registry))
+    sub = registry.add_subparsers(metavar="COMMAND")
+    for name, handler, help in (
+        ("backup", registry_cli.registry_backup, "snapshot the store (while it serves)"),
+        ("restore", registry_cli.registry_restore, "rebuild the store from a snapshot"),
+    ):
+        parser = sub.add_parser(name, help=help, description=help)
+        parser.set_defaults(handler=handler)
+        parser.add_argument("directory", type=Path, help="the snapshot's directory")
+        parser.add_argument(
+            "--data-dir",
+            type=Path,
+            help="the registry's data root (default: $CONVEYOR_REGISTRY_DATA_DIR, else .data)",
+        )
+        parser.add_argument(
+            "--database-url", help="its database (default: SQLite under the data directory)"
+        )
+
+
+def _usage(parser: argparse.ArgumentParser) -> Handler:
+    def print_usage(_args: argparse.Namespace) -> int:
+        parser.print_help(sys.stderr)
+        return 2
+
+    return print_usage
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    return value
 
 
 def _health(address: str, *, service: str) -> int:
@@ -91,6 +260,7 @@ def _serve(name: str, *, listen: str | None, data_dir: Path | None) -> int:
     if data_dir is not None:
         overrides["data_dir"] = data_dir
     settings = entry.settings_class(**overrides)
+    _use_one_malloc_arena()
     configure_logging(name, level=settings.log_level, json_lines=settings.log_json)
     install_tracer_provider(create_tracer_provider(name, TelemetrySettings()))
 
@@ -100,6 +270,25 @@ def _serve(name: str, *, listen: str | None, data_dir: Path | None) -> int:
 
     asyncio.run(run())
     return 0
+
+
+def _use_one_malloc_arena() -> None:
+    """Give glibc's allocator one arena, before any thread starts.
+
+    With one arena per thread, a 1 MiB chunk read in a worker and freed on the
+    event loop goes back to the kernel every time, so every artifact chunk
+    page-faults its memory in again: measured, a download cost three times
+    the CPU (bench/README.md). Python allocates small objects itself, so the
+    shared arena is not a point of contention.
+    """
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(_M_ARENA_MAX, 1)
+    except (OSError, AttributeError):  # not glibc: nothing to tune
+        pass
+
+
+_M_ARENA_MAX = -8  # glibc's mallopt parameter number
 
 
 def _up(*, data_dir: Path, host: str) -> int:

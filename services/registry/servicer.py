@@ -215,7 +215,9 @@ class RegistryServicer(registry_service_pb2_grpc.RegistryServiceServicer):
                     raise _invalid("chunk", f"at most {validation.MAX_CHUNK_BYTES} bytes each")
                 if writer.size_bytes + len(message.chunk) > metadata.size_bytes:
                     raise _invalid("metadata.size_bytes", "more bytes arrived than were declared")
-                writer.write(message.chunk)
+                # Hashing and writing in a worker keeps the event loop free for
+                # other calls (hashlib releases the GIL on large buffers).
+                await self._workers.run(writer.write, message.chunk)
             try:
                 return await self._workers.run(
                     writer.commit,
