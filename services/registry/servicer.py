@@ -7,6 +7,7 @@ and mapped to statuses by the shared interceptor.
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any, Protocol
@@ -208,16 +209,27 @@ class RegistryServicer(registry_service_pb2_grpc.RegistryServiceServicer):
         # Leaving this block early (a bad chunk, a cancelled or broken stream)
         # discards the temporary file: nothing becomes visible.
         with self._store.blobs.writer() as writer:
-            async for message in chunks:
-                if not message.HasField("chunk"):
-                    raise _invalid("chunk", "every message after the first carries a chunk")
-                if len(message.chunk) > validation.MAX_CHUNK_BYTES:
-                    raise _invalid("chunk", f"at most {validation.MAX_CHUNK_BYTES} bytes each")
-                if writer.size_bytes + len(message.chunk) > metadata.size_bytes:
-                    raise _invalid("metadata.size_bytes", "more bytes arrived than were declared")
-                # Hashing and writing in a worker keeps the event loop free for
-                # other calls (hashlib releases the GIL on large buffers).
-                await self._workers.run(writer.write, message.chunk)
+            received = 0
+            # One chunk is hashed and written in a worker while the next one
+            # arrives (hashlib releases the GIL on large buffers).
+            writing: asyncio.Future[None] | None = None
+            try:
+                async for message in chunks:
+                    if not message.HasField("chunk"):
+                        raise _invalid("chunk", "every message after the first carries a chunk")
+                    if len(message.chunk) > validation.MAX_CHUNK_BYTES:
+                        raise _invalid("chunk", f"at most {validation.MAX_CHUNK_BYTES} bytes each")
+                    received += len(message.chunk)
+                    if received > metadata.size_bytes:
+                        raise _invalid(
+                            "metadata.size_bytes", "more bytes arrived than were declared"
+                        )
+                    if writing is not None:
+                        await writing
+                    writing = asyncio.ensure_future(self._workers.run(writer.write, message.chunk))
+            finally:
+                if writing is not None:  # never discard the file under a running write
+                    await asyncio.shield(writing)
             try:
                 return await self._workers.run(
                     writer.commit,

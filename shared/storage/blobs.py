@@ -9,14 +9,17 @@ Leftover temporary files of a killed writer are removed when the store opens.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import hashlib
 import os
 import re
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import cast
 
 from conveyor.shared.errors import InvalidArgumentError, NotFoundError
 
@@ -128,14 +131,19 @@ class BlobWriter:
     def __init__(self, store: BlobStore, temporary: Path) -> None:
         self._store = store
         self._temporary = temporary
-        self._file = temporary.open("xb")
+        self._file = temporary.open("xb", buffering=0)
         self._hash = hashlib.sha256()
         self.size_bytes = 0
+        self._flushed_bytes = 0
 
     def write(self, chunk: bytes) -> None:
         self._file.write(chunk)
         self._hash.update(chunk)
         self.size_bytes += len(chunk)
+        if self.size_bytes - self._flushed_bytes >= WRITEBACK_BYTES:
+            # Start writing back now, so the fsync at commit has little left to do.
+            _start_writeback(self._file.fileno(), self._flushed_bytes, self.size_bytes)
+            self._flushed_bytes = self.size_bytes
 
     @property
     def sha256(self) -> str:
@@ -159,7 +167,6 @@ class BlobWriter:
                 "content does not match the declared sha256",
                 metadata={"declared_sha256": expected_sha256, "sha256": digest},
             )
-        self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()
         self._store._install(self._temporary, digest)
@@ -182,6 +189,29 @@ class BlobWriter:
     ) -> None:
         if not self._file.closed or self._temporary.exists():
             self.abort()
+
+
+WRITEBACK_BYTES = 8 * 1024 * 1024
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
+    try:
+        function = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").sync_file_range
+    except (OSError, AttributeError):  # not Linux
+        return None
+    function.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+    function.restype = ctypes.c_int
+    return cast(Callable[[int, int, int, int], int], function)
+
+
+_sync_file_range = _load_sync_file_range()
+
+
+def _start_writeback(descriptor: int, start: int, end: int) -> None:
+    """Ask Linux to start writing ``[start, end)`` to disk without waiting."""
+    if _sync_file_range is not None:
+        _sync_file_range(descriptor, start, end - start, _SYNC_FILE_RANGE_WRITE)
 
 
 def _fsync_directory(path: Path) -> None:
