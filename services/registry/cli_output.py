@@ -1,4 +1,4 @@
-"""What the registry commands print: tables, field lists, JSON and progress.
+"""What the registry commands print: tables, field lists, JSON, progress, errors.
 
 Kept apart from :mod:`conveyor.services.registry.cli` so that the commands read
 as calls to the registry, and the presentation can change without touching them.
@@ -8,22 +8,111 @@ messages, with the proto field names, so scripts see what the API returns.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC
+from pathlib import Path
+from typing import Any
 
+import grpc
+import pydantic
 from google.protobuf import json_format
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from conveyor.registry.v1 import resources_pb2 as pb
+from conveyor.shared.errors import ConveyorError, InvalidArgumentError
 
 KEY_METRICS = ("accuracy", "f1", "roc_auc", "precision", "recall", "log_loss")
 """Metrics the versions table shows first; others follow by name, three in all."""
 
 MAX_TABLE_METRICS = 3
+
+
+def report(error: ConveyorError, hint: str = "") -> int:
+    """Prints a failure the way every command does; returns exit code 1."""
+    code = error.code.name
+    reason = "" if error.reason in (code, "") else f" [{error.reason}]"
+    print(f"conveyor: {code}: {error.message}{reason}", file=sys.stderr)
+    if isinstance(error, InvalidArgumentError):
+        for violation in error.violations:
+            line = f"{violation.field}: {violation.description}"
+            if line not in error.message:  # the server often says it in the message already
+                print(f"  {line}", file=sys.stderr)
+    if hint:
+        print(f"hint: {hint}", file=sys.stderr)
+    return 1
+
+
+def hint(code: grpc.StatusCode, *, model: str, target: str) -> str:
+    """What to do next after a failure with status ``code``."""
+    hints = {
+        grpc.StatusCode.NOT_FOUND: (
+            "check the name: `conveyor models list` shows the models, "
+            f"`conveyor models versions {model}` their versions and aliases"
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT: "fix the fields named above and run the command again",
+        grpc.StatusCode.ALREADY_EXISTS: (
+            f"the name is taken: `conveyor models show {model}` shows what is there"
+        ),
+        grpc.StatusCode.FAILED_PRECONDITION: (
+            "the model or version is archived or blocked, or an alias still points at it: "
+            f"see `conveyor models show {model}`"
+        ),
+        grpc.StatusCode.ABORTED: (
+            f"someone changed it first: check `conveyor models alias list {model}`, "
+            "then retry with the right --expected"
+        ),
+        grpc.StatusCode.UNAVAILABLE: (
+            f"is a registry running at {target}? start one with `conveyor serve registry`, "
+            "or point at it with --registry HOST:PORT or CONVEYOR_REGISTRY_ADDR"
+        ),
+        grpc.StatusCode.DEADLINE_EXCEEDED: (
+            f"no answer in time: raise --timeout, or check `conveyor health {target}`"
+        ),
+        grpc.StatusCode.UNAUTHENTICATED: "check CONVEYOR_TLS_CA_FILE, _CERT_FILE and _KEY_FILE",
+        grpc.StatusCode.PERMISSION_DENIED: "ask the model's owner team for the right to do this",
+        grpc.StatusCode.RESOURCE_EXHAUSTED: "the registry is out of space or the input too big",
+        grpc.StatusCode.DATA_LOSS: (
+            "the registry's stored copy is damaged: restore it (`conveyor registry restore`)"
+        ),
+    }
+    return hints.get(code, "this looks like a registry bug: report it with the message above")
+
+
+def manifest_summary(manifest: object, directory: Path) -> list[tuple[str, str]]:
+    """Top-level facts of a manifest: scalars as they are, collections as counts."""
+    fields: Mapping[str, Any] | None = None
+    if dataclasses.is_dataclass(manifest) and not isinstance(manifest, type):
+        fields = dataclasses.asdict(manifest)
+    elif isinstance(manifest, pydantic.BaseModel):
+        fields = manifest.model_dump(mode="json")
+    elif isinstance(manifest, Mapping):
+        fields = manifest
+    elif manifest is None and (directory / "manifest.json").is_file():
+        loaded = json.loads((directory / "manifest.json").read_text())
+        fields = loaded if isinstance(loaded, Mapping) else None
+    if fields is None:
+        return [] if manifest is None else [("manifest", str(manifest))]
+    return [(str(key), _fact(value)) for key, value in fields.items()]
+
+
+def _fact(value: object) -> str:
+    """A scalar as it is; a collection as its size and the sums of its items'
+    ``rows`` and ``size_bytes``, where they have them."""
+    if isinstance(value, str) or not isinstance(value, Iterable):
+        return str(value)
+    items = list(value.values()) if isinstance(value, Mapping) else list(value)
+    records = [item for item in items if isinstance(item, Mapping)]
+    sums = []
+    if any("rows" in record for record in records):
+        sums.append(f"{sum(int(record.get('rows', 0)) for record in records)} rows")
+    if any("size_bytes" in record for record in records):
+        sums.append(human_size(sum(int(record.get("size_bytes", 0)) for record in records)))
+    return f"{len(items)}" + (f" ({', '.join(sums)})" if sums else "")
 
 
 def print_json(payload: Mapping[str, object]) -> None:
@@ -41,7 +130,9 @@ def print_table(headers: Sequence[str], rows: Iterable[Sequence[str]]) -> None:
     table = [[h.upper() for h in headers], *([str(cell) for cell in row] for row in rows)]
     widths = [max(len(row[i]) for row in table) for i in range(len(headers))]
     for row in table:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+        print(
+            "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        )
 
 
 def print_fields(fields: Sequence[tuple[str, str]]) -> None:
@@ -217,7 +308,4 @@ class Progress:
 
     def _line(self) -> str:
         share = 100 if self._total <= 0 else self._done * 100 // self._total
-        return (
-            f"{self._label}: {share:3d}% "
-            f"({human_size(self._done)} of {human_size(self._total)})"
-        )
+        return f"{self._label}: {share:3d}% ({human_size(self._done)} of {human_size(self._total)})"
