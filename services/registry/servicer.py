@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from conveyor.registry.v1 import registry_messages_pb2 as rpc
 from conveyor.registry.v1 import registry_service_pb2_grpc
@@ -20,7 +20,12 @@ from conveyor.services.registry.store import LATEST, RegistryStore, request_hash
 from conveyor.services.registry.watch import AliasWatchHub
 from conveyor.shared import names, pagination
 from conveyor.shared.auth import caller_principal
-from conveyor.shared.errors import FailedPreconditionError, FieldViolation, InvalidArgumentError
+from conveyor.shared.errors import (
+    FailedPreconditionError,
+    FieldViolation,
+    InvalidArgumentError,
+    NotFoundError,
+)
 from conveyor.shared.filtering import parse_filter
 from conveyor.shared.storage.blobs import BlobInfo, DigestMismatchError
 from conveyor.shared.workers import WorkerThreads
@@ -30,8 +35,13 @@ MAX_LINEAGE_DEPTH = 100
 ALL_MODELS = "models/-"
 
 
+AliasChange = Literal["set", "delete"]
+
+
 class PromotionGate(Protocol):
-    """Asked before an alias moves; the policy service provides the real one."""
+    """Asked before an alias moves or is deleted; the policy service provides the
+    real one. It is asked before the store checks compare-and-set and states, so
+    it may be asked about a change the store then refuses."""
 
     async def evaluate(
         self,
@@ -39,17 +49,19 @@ class PromotionGate(Protocol):
         model: pb.Model,
         version: pb.ModelVersion,
         alias_id: str,
+        change: AliasChange,
         principal: str,
         reason: str,
     ) -> str:
-        """The decision name that allows the move (``decisions/{id}``, or empty
-        when no policy decided). Raises FailedPreconditionError, listing every
-        failed gate, to refuse it."""
+        """The decision name that allows the change (``decisions/{id}``, or empty
+        when no policy decided). ``version`` is the target of a move, or the
+        version a deleted alias points at. Raises FailedPreconditionError,
+        listing every failed gate, to refuse it."""
         ...
 
 
 class NoPromotionGate:
-    """Moves every alias: the embedded default while no policy service is configured."""
+    """Allows every change: the embedded default while no policy service is configured."""
 
     async def evaluate(
         self,
@@ -57,6 +69,7 @@ class NoPromotionGate:
         model: pb.Model,
         version: pb.ModelVersion,
         alias_id: str,
+        change: AliasChange,
         principal: str,
         reason: str,
     ) -> str:
@@ -410,6 +423,7 @@ class RegistryServicer(registry_service_pb2_grpc.RegistryServiceServicer):
             model=model,
             version=version,
             alias_id=alias_id,
+            change="set",
             principal=principal,
             reason=request.reason,
         )
@@ -433,12 +447,32 @@ class RegistryServicer(registry_service_pb2_grpc.RegistryServiceServicer):
         )
         if request.expected_version:
             _exact_version(request.expected_version, "expected_version")
+        principal = caller_principal(context)
+        model = await self._workers.run(self._store.get_model, model_id)
+        alias_ref = names.ModelVersionRef(model_id, alias=alias_id)
+        try:
+            version = await self._workers.run(
+                self._store.get_version, alias_ref, pb.MODEL_VERSION_VIEW_FULL
+            )
+        except NotFoundError as missing:
+            raise NotFoundError(
+                f"{request.name} does not exist", reason="ALIAS_NOT_FOUND"
+            ) from missing
+        decision = await self._gate.evaluate(
+            model=model,
+            version=version,
+            alias_id=alias_id,
+            change="delete",
+            principal=principal,
+            reason=request.reason,
+        )
         alias = await self._workers.run(
             self._store.delete_alias,
             model_id,
             alias_id,
-            principal=caller_principal(context),
+            principal=principal,
             reason=request.reason,
+            decision=decision,
             expected_version=request.expected_version,
         )
         self._watch_hub.notify()

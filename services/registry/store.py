@@ -229,6 +229,9 @@ class RegistryStore:
                     db, names.parse_model_version_ref(done), pb.MODEL_VERSION_VIEW_FULL
                 )
             model = _model_row(db, model_id)
+            if body.lineage.parent_version:
+                # The parent must already exist: lineage can then never loop.
+                _existing_parent(db, body.lineage.parent_version)
             if model.state != ACTIVE:
                 raise FailedPreconditionError(
                     f"models/{model_id} is archived: it takes no new versions",
@@ -385,6 +388,10 @@ class RegistryStore:
             ) is not None:
                 return self._attachment(db, done, with_content=False)
             version = _version_row(db, ref)
+            if version.state != ACTIVE or version.model_state != ACTIVE:
+                raise FailedPreconditionError(
+                    f"{ref} is archived: it takes no new attachments", reason="VERSION_ARCHIVED"
+                )
             body.name = f"{ref}/attachments/{attachment_id}"
             exists = db.execute(
                 select(schema.attachments.c.id).where(
@@ -538,7 +545,14 @@ class RegistryStore:
             return alias
 
     def delete_alias(
-        self, model_id: str, alias_id: str, *, principal: str, reason: str, expected_version: str
+        self,
+        model_id: str,
+        alias_id: str,
+        *,
+        principal: str,
+        reason: str,
+        decision: str,
+        expected_version: str,
     ) -> pb.Alias:
         with write_transaction(self.engine) as db:
             model = _model_row(db, model_id, lock=True)  # one alias change per model at a time
@@ -551,7 +565,7 @@ class RegistryStore:
             _check_expected(expected_version, alias.version, model_id, alias_id)
             now = _now()
             alias.revision, alias.updated_by, alias.reason = _next_revision(db), principal, reason
-            alias.decision = ""
+            alias.decision = decision
             alias.update_time.FromDatetime(now)
             db.execute(
                 schema.aliases.delete().where(
@@ -832,6 +846,17 @@ def _version_row(db: Connection, ref: names.ModelVersionRef) -> Row[Any]:
             f"{ref} does not exist", reason="VERSION_NOT_FOUND", metadata={"name": str(ref)}
         )
     return row
+
+
+def _existing_parent(db: Connection, parent: str) -> None:
+    try:
+        _version_row(db, names.parse_model_version_ref(parent))
+    except NotFoundError as missing:
+        raise FailedPreconditionError(
+            f"lineage.parent_version {parent} is not in this registry",
+            reason="PARENT_VERSION_NOT_FOUND",
+            metadata={"parent_version": parent},
+        ) from missing
 
 
 def _alias_row(db: Connection, model_pk: int, alias_id: str) -> Row[Any] | None:

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from conveyor.registry.v1 import registry_messages_pb2 as rpc
 from conveyor.registry.v1 import resources_pb2 as pb
 from conveyor.services.registry.store import RegistryStore
+from conveyor.shared.errors import FieldViolation, InvalidArgumentError, UnavailableError
 from conveyor.shared.workers import WorkerThreads
 
 
@@ -42,6 +43,16 @@ class AliasWatchHub:
     async def watch(
         self, model_id: str | None, alias_ids: list[str], start_revision: int
     ) -> AsyncIterator[rpc.WatchAliasesResponse]:
+        if model_id is not None:
+            await self._workers.run(self._store.get_model, model_id)  # NOT_FOUND when unknown
+        current = await self._workers.run(self._store.current_revision)
+        if start_revision > current:
+            raise InvalidArgumentError(
+                f"start_revision {start_revision} is ahead of the registry ({current})",
+                violations=[
+                    FieldViolation("start_revision", f"at most {current}, the newest revision")
+                ],
+            )
         history = None
         if start_revision:
             history = await self._workers.run(
@@ -49,7 +60,9 @@ class AliasWatchHub:
             )
         if history is None:  # a fresh watch, or the history to resume from is gone
             aliases, last = await self._workers.run(self._store.alias_snapshot, model_id, alias_ids)
-            for alias in aliases:
+            # In revision order, so that revisions never go down along the stream
+            # and a client cut off mid-snapshot can resume from the last one.
+            for alias in sorted(aliases, key=lambda a: a.revision):
                 yield rpc.WatchAliasesResponse(
                     type=pb.ALIAS_EVENT_TYPE_EXISTING, alias=alias, revision=alias.revision
                 )
@@ -73,3 +86,8 @@ class AliasWatchHub:
                     )
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(changed.wait(), self._poll_interval_s)
+        raise UnavailableError(
+            f"the registry is shutting down; watch again from revision {last}",
+            reason="DRAINING",
+            metadata={"revision": str(last)},
+        )
