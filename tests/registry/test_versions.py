@@ -20,6 +20,7 @@ from conveyor.services.registry.settings import RegistrySettings
 from conveyor.shared.errors import from_rpc_error
 from tests.registry.test_models import expect_error
 from tests.support.registry import (
+    a_version,
     create_model,
     create_version,
     download,
@@ -381,3 +382,22 @@ async def test_archived_versions_are_hidden_but_readable(registry: Registry) -> 
         ),
         grpc.StatusCode.INVALID_ARGUMENT,
     )
+
+
+async def test_oversized_metadata_is_refused(registry: Registry) -> None:
+    await create_model(registry, "m")
+    huge = a_version(model_card="x" * (5 * MIB))
+    error = await expect_error(
+        registry.CreateModelVersion(upload_requests("models/m", b"w", version=huge), timeout=30),
+        grpc.StatusCode.INVALID_ARGUMENT,
+    )
+    assert [v.field for v in from_rpc_error(error).violations] == ["metadata"]
+    card = a_version(model_card="x" * (300 * 1024))
+    error = await expect_error(
+        registry.CreateModelVersion(upload_requests("models/m", b"w", version=card), timeout=30),
+        grpc.StatusCode.INVALID_ARGUMENT,
+    )
+    assert [v.field for v in from_rpc_error(error).violations] == [
+        "metadata.model_version.model_card"
+    ]
+    assert await versions_of(registry, "m") == []
