@@ -39,6 +39,7 @@ from conveyor.shared.storage import BlobStore, read_transaction, write_transacti
 from conveyor.shared.storage.blobs import BlobInfo
 
 ACTIVE, ARCHIVED = "ACTIVE", "ARCHIVED"
+ORPHAN_GRACE_S = 600.0
 LATEST = "latest"
 _STAGE_ALIASES = (
     ("production", pb.STAGE_PRODUCTION),
@@ -647,11 +648,15 @@ class RegistryStore:
             attached = db.execute(select(schema.attachments.c.sha256)).scalars()
             return set(versions) | set(attached)
 
-    def collect_garbage(self) -> int:
-        """Delete blobs no row refers to (left by uploads cut off before their
-        row was written); returns how many. Run while no upload is in flight."""
+    def collect_garbage(self, *, grace_s: float = ORPHAN_GRACE_S) -> int:
+        """Delete blobs no row refers to (left by uploads cut off after their
+        bytes were stored but before their row was written); returns how many.
+        Blobs younger than ``grace_s`` are spared: another replica may be about
+        to write the row that refers to one."""
         referenced = self.referenced_blobs()
-        orphans = [digest for digest in self.blobs.digests() if digest not in referenced]
+        orphans = [
+            digest for digest in self.blobs.digests(older_than=grace_s) if digest not in referenced
+        ]
         for digest in orphans:
             self.blobs.delete(digest)
         return len(orphans)
@@ -868,16 +873,15 @@ def _alias_row(db: Connection, model_pk: int, alias_id: str) -> Row[Any] | None:
 
 
 def _next_revision(db: Connection) -> int:
+    """The next alias revision. The counter row (seeded by migration 0002) is
+    locked until the transaction ends, so revisions commit in order."""
     counters = schema.counters
     bumped = db.execute(
         update(counters)
         .where(counters.c.name == schema.ALIAS_REVISION_COUNTER)
         .values(value=counters.c.value + 1)
         .returning(counters.c.value)
-    ).scalar()
-    if bumped is None:
-        db.execute(insert(counters).values(name=schema.ALIAS_REVISION_COUNTER, value=1))
-        return 1
+    ).scalar_one()
     return int(bumped)
 
 

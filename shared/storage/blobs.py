@@ -14,6 +14,7 @@ import ctypes.util
 import hashlib
 import os
 import re
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -50,12 +51,24 @@ class BlobStore:
         self._tmp = root / "tmp"
         self._blobs.mkdir(parents=True, exist_ok=True)
         self._tmp.mkdir(parents=True, exist_ok=True)
-        for leftover in self._tmp.iterdir():
-            leftover.unlink(missing_ok=True)
+        self.sweep_abandoned_writes()
 
     def writer(self) -> BlobWriter:
         """Start writing a blob; commit it with :meth:`BlobWriter.commit`."""
-        return BlobWriter(self, self._tmp / f"{uuid.uuid4().hex}.partial")
+        # The writer's process id in the name tells a later sweep whether its
+        # owner still lives (another replica or a draining process may share the store).
+        return BlobWriter(self, self._tmp / f"{os.getpid()}-{uuid.uuid4().hex}.partial")
+
+    def sweep_abandoned_writes(self) -> int:
+        """Remove temporary files whose writing process is gone; returns how many."""
+        removed = 0
+        for leftover in self._tmp.iterdir():
+            owner = leftover.name.split("-", 1)[0]
+            if owner.isdigit() and _process_alive(int(owner)):
+                continue
+            leftover.unlink(missing_ok=True)
+            removed += 1
+        return removed
 
     def put(self, data: bytes) -> BlobInfo:
         """Store ``data`` in one go."""
@@ -94,10 +107,11 @@ class BlobStore:
             while chunk := blob.read(chunk_bytes):
                 yield chunk
 
-    def digests(self) -> Iterator[str]:
-        """Every stored blob's digest."""
+    def digests(self, *, older_than: float = 0.0) -> Iterator[str]:
+        """Every stored blob's digest; ``older_than`` seconds skips recent writes."""
+        now = time.time()
         for path in self._blobs.glob("*/*"):
-            if _HEX_DIGEST.match(path.name):
+            if _HEX_DIGEST.match(path.name) and now - path.stat().st_mtime >= older_than:
                 yield path.name
 
     def delete(self, sha256: str) -> None:
@@ -212,6 +226,16 @@ def _start_writeback(descriptor: int, start: int, end: int) -> None:
     """Ask Linux to start writing ``[start, end)`` to disk without waiting."""
     if _sync_file_range is not None:
         _sync_file_range(descriptor, start, end - start, _SYNC_FILE_RANGE_WRITE)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by another user
+        return True
+    return True
 
 
 def _fsync_directory(path: Path) -> None:

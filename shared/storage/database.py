@@ -72,9 +72,17 @@ def write_transaction(engine: Engine) -> Iterator[Connection]:
 
 @contextmanager
 def read_transaction(engine: Engine) -> Iterator[Connection]:
-    """A read-only transaction: one consistent snapshot for several queries."""
-    with engine.connect() as connection, connection.begin():
-        yield connection
+    """A read-only transaction: one consistent snapshot for several queries.
+
+    PostgreSQL needs REPEATABLE READ for that (under its default, READ
+    COMMITTED, every statement sees newer data); SQLite in WAL mode reads one
+    snapshot per transaction anyway.
+    """
+    with engine.connect() as connection:
+        if engine.dialect.name == "postgresql":
+            connection = connection.execution_options(isolation_level="REPEATABLE READ")
+        with connection.begin():
+            yield connection
 
 
 def _configure_sqlite_connection(dbapi_connection: Any, _record: Any) -> None:

@@ -24,9 +24,7 @@ def postgres() -> Iterator[ThrowawayPostgres]:
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
-def registry_settings(
-    request: pytest.FixtureRequest, tmp_path: Path
-) -> RegistrySettings:
+def registry_settings(request: pytest.FixtureRequest, tmp_path: Path) -> RegistrySettings:
     url = None
     if request.param == "postgresql":
         url = request.getfixturevalue("postgres").create_database()

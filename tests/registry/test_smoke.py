@@ -20,8 +20,10 @@ async def test_a_model_goes_from_upload_to_alias(
     _, data = await download(registry, "models/churn@latest")
     assert data == b"weights" * 1000
     alias = await registry.SetAlias(
-        rpc.SetAliasRequest(name="models/churn/aliases/production", version=version.name,
-                            reason="first release"), timeout=10,
+        rpc.SetAliasRequest(
+            name="models/churn/aliases/production", version=version.name, reason="first release"
+        ),
+        timeout=10,
     )
     assert alias.alias.version == version.name
     got = await registry.GetModelVersion(rpc.GetModelVersionRequest(name="models/churn@production"))

@@ -1,0 +1,545 @@
+"""Backup and restore of a registry: a consistent logical snapshot and its blobs.
+
+A backup is a directory that any registry database can be rebuilt from, SQLite
+or PostgreSQL, whichever the source was::
+
+    manifest.json                  format, creation time, schema revision, and the
+                                   size and SHA-256 of every file below
+    tables/<table>.jsonl           one JSON object per row (bytes as base64,
+                                   timestamps as ISO 8601 UTC)
+    blobs/sha256/<ab>/<digest>     every artifact and attachment a row refers to
+
+:func:`backup_registry` reads every table inside one read transaction
+(REPEATABLE READ on PostgreSQL, a WAL snapshot on SQLite), so it sees one
+committed state while the registry keeps serving; it neither migrates the
+database nor opens the live blob store (whose start-up sweep would delete the
+temporary files of uploads in flight), it only reads. Blobs are immutable and
+never deleted while a registry serves, so they are copied after the snapshot
+ends, hard-linked when the backup is on the same filesystem. Everything is
+written into a hidden sibling directory that is renamed into place at the end:
+a directory named like the destination is always a whole backup.
+
+:func:`restore_registry` checks the whole backup (every digest recomputed,
+every row parsed) before it touches the target, refuses a target database that
+holds any row, stores the blobs first and then inserts every row in one
+transaction, so a failed restore leaves no row (stray blobs are swept when the
+registry next starts). The target registry must not be running.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import uuid
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import DateTime, Integer, LargeBinary, String, Table, func, insert, select
+from sqlalchemy.engine import Connection, Engine
+
+from conveyor.services.registry import schema
+from conveyor.services.registry.migrate import alembic_config
+from conveyor.services.registry.server import open_store
+from conveyor.services.registry.settings import RegistrySettings
+from conveyor.shared.errors import AlreadyExistsError, FailedPreconditionError
+from conveyor.shared.storage import BlobStore, create_engine, read_transaction, write_transaction
+from conveyor.shared.storage.database import sqlite_url
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "conveyor-registry-backup"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+
+_BLOB_REFERENCES = ((schema.model_versions, "sha256"), (schema.attachments, "sha256"))
+"""The columns that name a blob: a backup holds exactly the blobs they name."""
+
+_HEX_DIGEST = re.compile(r"^[0-9a-f]{64}$")
+_COPY_BYTES = 1024 * 1024
+_INSERT_BATCH = 500
+
+
+class CorruptBackupError(FailedPreconditionError):
+    """The backup is incomplete, altered or unreadable; nothing was restored."""
+
+    default_reason = "BACKUP_CORRUPT"
+
+
+@dataclass(frozen=True)
+class TableFile:
+    """One table's rows in the backup (``tables/<name>.jsonl``)."""
+
+    name: str
+    rows: int
+    sha256: str
+    size_bytes: int
+
+
+@dataclass(frozen=True)
+class BlobEntry:
+    """One blob in the backup (``blobs/sha256/<ab>/<sha256>``)."""
+
+    sha256: str
+    size_bytes: int
+
+
+@dataclass(frozen=True)
+class BackupManifest:
+    """What a backup holds; ``manifest.json`` is its JSON form."""
+
+    created_at: datetime
+    """When the snapshot was taken (UTC)."""
+    alembic_revision: str
+    """The schema revision of the rows; a restore needs the same one."""
+    source_dialect: str
+    """``sqlite`` or ``postgresql``: where the rows came from (informative)."""
+    tables: tuple[TableFile, ...]
+    """Every table of the schema, parents before children."""
+    blobs: tuple[BlobEntry, ...]
+    """Every blob a row refers to, by digest."""
+
+    @property
+    def row_counts(self) -> dict[str, int]:
+        return {table.name: table.rows for table in self.tables}
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "created_at": self.created_at.isoformat(),
+            "alembic_revision": self.alembic_revision,
+            "source_dialect": self.source_dialect,
+            "tables": [
+                {"name": t.name, "rows": t.rows, "sha256": t.sha256, "size_bytes": t.size_bytes}
+                for t in self.tables
+            ],
+            "blobs": [{"sha256": b.sha256, "size_bytes": b.size_bytes} for b in self.blobs],
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> BackupManifest:
+        """Parse a manifest; :class:`CorruptBackupError` when it is not one."""
+        if data.get("format") != FORMAT or data.get("format_version") != FORMAT_VERSION:
+            raise CorruptBackupError(
+                f"not a {FORMAT} version {FORMAT_VERSION} manifest",
+                reason="BACKUP_FORMAT_UNSUPPORTED",
+                metadata={"format_version": str(data.get("format_version"))},
+            )
+        try:
+            manifest = cls(
+                created_at=datetime.fromisoformat(data["created_at"]),
+                alembic_revision=str(data["alembic_revision"]),
+                source_dialect=str(data["source_dialect"]),
+                tables=tuple(
+                    TableFile(
+                        str(t["name"]), int(t["rows"]), str(t["sha256"]), int(t["size_bytes"])
+                    )
+                    for t in data["tables"]
+                ),
+                blobs=tuple(
+                    BlobEntry(str(b["sha256"]), int(b["size_bytes"])) for b in data["blobs"]
+                ),
+            )
+        except (KeyError, TypeError, ValueError) as error:
+            raise CorruptBackupError(f"malformed manifest: {error!r}") from error
+        if bad := [b.sha256 for b in manifest.blobs if not _HEX_DIGEST.match(b.sha256)]:
+            raise CorruptBackupError(f"malformed blob digest in the manifest: {bad[0]!r}")
+        return manifest
+
+
+def backup_registry(settings: RegistrySettings, destination: Path) -> BackupManifest:
+    """Write a backup of the registry that ``settings`` describe to ``destination``.
+
+    Safe while the registry serves: the rows come from one read transaction and
+    nothing is written to the registry. ``destination`` must not exist (or be an
+    empty directory). Raises :class:`AlreadyExistsError` when it holds anything,
+    :class:`FailedPreconditionError` when there is no registry database or its
+    schema revision is not this code's, or when a referenced blob is missing or
+    does not match its digest.
+    """
+    destination = destination.absolute()
+    if destination.exists() and (not destination.is_dir() or any(destination.iterdir())):
+        raise AlreadyExistsError(f"{destination} already exists", reason="BACKUP_EXISTS")
+    url = _database_url(settings)
+    if url is None:
+        raise FailedPreconditionError(
+            f"no registry database under {settings.service_data_dir}", reason="REGISTRY_NOT_FOUND"
+        )
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    staging = destination.parent / f".{destination.name}.partial-{uuid.uuid4().hex[:8]}"
+    staging.mkdir()
+    engine = create_engine(url)
+    try:
+        manifest = _write_backup(engine, settings.service_data_dir / "blobs", staging)
+        if destination.exists():
+            destination.rmdir()
+        os.rename(staging, destination)
+        _fsync_directory(destination.parent)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    finally:
+        engine.dispose()
+    logger.info(
+        "registry backed up",
+        extra={"destination": str(destination), "blobs": len(manifest.blobs)},
+    )
+    return manifest
+
+
+def restore_registry(settings: RegistrySettings, source: Path) -> BackupManifest:
+    """Rebuild the registry that ``settings`` describe from the backup at ``source``.
+
+    Checks the backup before anything else (:class:`CorruptBackupError` when a
+    digest, size, row count or row does not match, and nothing is written);
+    refuses, with :class:`FailedPreconditionError`, a backup of another schema
+    revision or a target database that already holds rows. Then migrates the
+    target, stores the blobs (checking their digests again) and inserts every
+    row in one transaction. Run it while the target registry is stopped.
+    """
+    manifest = verify_backup(source)
+    head = _head_revision()
+    if manifest.alembic_revision != head:
+        raise FailedPreconditionError(
+            f"the backup has schema revision {manifest.alembic_revision}, this registry "
+            f"{head}: restore with the Conveyor release that took it, then upgrade",
+            reason="SCHEMA_REVISION_MISMATCH",
+            metadata={"backup_revision": manifest.alembic_revision, "revision": head},
+        )
+    url = _database_url(settings)
+    if url is not None:  # refuse before open_store creates or migrates anything
+        engine = create_engine(url)
+        try:
+            with read_transaction(engine) as db:
+                _refuse_rows(db)
+        finally:
+            engine.dispose()
+    store = open_store(settings)
+    try:
+        for blob in manifest.blobs:
+            _store_blob(store.blobs, _blob_path(source, blob.sha256), blob)
+        with write_transaction(store.engine) as db:
+            _refuse_rows(db)
+            # Counters start seeded by the migrations; the backup's values replace them.
+            db.execute(schema.counters.delete())
+            for table in schema.metadata.sorted_tables:
+                for batch in _batches(_read_rows(source, table)):
+                    db.execute(insert(table), batch)
+            _reset_sequences(db)
+    finally:
+        store.engine.dispose()
+    logger.info("registry restored", extra={"source": str(source), "rows": manifest.row_counts})
+    return manifest
+
+
+def verify_backup(source: Path) -> BackupManifest:
+    """Check a backup without changing anything: every table file and blob
+    against its size and SHA-256, every row against the schema, every blob a
+    row names present. Returns the manifest; raises :class:`CorruptBackupError`."""
+    try:
+        manifest = BackupManifest.from_json(json.loads((source / MANIFEST).read_bytes()))
+    except (OSError, ValueError) as error:
+        raise CorruptBackupError(f"cannot read {source / MANIFEST}: {error}") from error
+    if [t.name for t in manifest.tables] != [t.name for t in schema.metadata.sorted_tables]:
+        raise CorruptBackupError(
+            "the backup's tables are not the registry's",
+            metadata={"tables": ",".join(t.name for t in manifest.tables)},
+        )
+    named: set[str] = set()
+    for entry in manifest.tables:
+        table = schema.metadata.tables[entry.name]
+        _check_file(_table_path(source, entry.name), entry.sha256, entry.size_bytes)
+        rows = 0
+        for row in _read_rows(source, table):
+            rows += 1
+            named.update(row[c] for t, c in _BLOB_REFERENCES if t is table)
+        if rows != entry.rows:
+            raise CorruptBackupError(
+                f"{entry.name} holds {rows} rows, the manifest says {entry.rows}"
+            )
+    for blob in manifest.blobs:
+        _check_file(_blob_path(source, blob.sha256), blob.sha256, blob.size_bytes)
+    if missing := named - {blob.sha256 for blob in manifest.blobs}:
+        raise CorruptBackupError(
+            f"{len(missing)} blobs named by rows are not in the backup",
+            metadata={"sha256": sorted(missing)[0]},
+        )
+    return manifest
+
+
+# -- taking a backup ----------------------------------------------------------
+
+
+def _write_backup(engine: Engine, blob_root: Path, staging: Path) -> BackupManifest:
+    created_at = datetime.now(UTC)
+    snapshot = engine
+    if engine.dialect.name == "postgresql":
+        # READ COMMITTED (the default) would give each SELECT its own snapshot.
+        snapshot = engine.execution_options(
+            isolation_level="REPEATABLE READ", postgresql_readonly=True
+        )
+    (staging / "tables").mkdir()
+    tables: list[TableFile] = []
+    named: set[str] = set()
+    head = _head_revision()
+    with read_transaction(snapshot) as db:
+        revision = MigrationContext.configure(db).get_current_revision()
+        if revision is None or revision != head:
+            raise FailedPreconditionError(
+                f"the registry database is at schema revision {revision}, this code at "
+                f"{head}: back it up with the release that serves it",
+                reason="SCHEMA_REVISION_MISMATCH",
+                metadata={"revision": str(revision)},
+            )
+        for table in schema.metadata.sorted_tables:
+            tables.append(_write_table(db, table, _table_path(staging, table.name), named))
+    _fsync_directory(staging / "tables")
+    blobs = [_copy_blob(blob_root, staging, digest) for digest in sorted(named)]
+    if blobs:
+        for directory in {_blob_path(staging, b.sha256).parent for b in blobs}:
+            _fsync_directory(directory)
+        _fsync_directory(staging / "blobs" / "sha256")
+        _fsync_directory(staging / "blobs")
+    manifest = BackupManifest(
+        created_at=created_at,
+        alembic_revision=revision,
+        source_dialect=engine.dialect.name,
+        tables=tuple(tables),
+        blobs=tuple(blobs),
+    )
+    with (staging / MANIFEST).open("x") as file:
+        json.dump(manifest.to_json(), file, indent=2)
+        file.write("\n")
+        file.flush()
+        os.fsync(file.fileno())
+    _fsync_directory(staging)
+    return manifest
+
+
+def _write_table(db: Connection, table: Table, path: Path, named: set[str]) -> TableFile:
+    digest, size, rows = hashlib.sha256(), 0, 0
+    blob_columns = [c for t, c in _BLOB_REFERENCES if t is table]
+    query = select(table).order_by(*table.primary_key.columns)
+    with path.open("xb") as file:
+        for row in db.execute(query).mappings():
+            named.update(row[c] for c in blob_columns)
+            line = (
+                json.dumps(
+                    {c.name: _encode(c.type, row[c.name]) for c in table.columns},
+                    sort_keys=True,
+                    separators=(",", ":"),
+                ).encode()
+                + b"\n"
+            )
+            file.write(line)
+            digest.update(line)
+            size, rows = size + len(line), rows + 1
+        file.flush()
+        os.fsync(file.fileno())
+    return TableFile(table.name, rows, digest.hexdigest(), size)
+
+
+def _copy_blob(blob_root: Path, staging: Path, sha256: str) -> BlobEntry:
+    # The live store's layout (conveyor.shared.storage.BlobStore), read without
+    # opening a BlobStore: opening one sweeps the temporaries of uploads in flight.
+    live = blob_root / "sha256" / sha256[:2] / sha256
+    target = _blob_path(staging, sha256)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(live, target)  # blobs are immutable: sharing the inode is safe
+    except FileNotFoundError as error:
+        raise FailedPreconditionError(
+            f"blob {sha256} is referenced but missing from {blob_root}",
+            reason="BLOB_MISSING",
+            metadata={"sha256": sha256},
+        ) from error
+    except OSError:  # another filesystem, or links not allowed: copy
+        with live.open("rb") as reader, target.open("xb") as writer:
+            shutil.copyfileobj(reader, writer, _COPY_BYTES)
+            writer.flush()
+            os.fsync(writer.fileno())
+    actual, size = _digest_file(target)
+    if actual != sha256:
+        raise FailedPreconditionError(
+            f"blob {sha256} in {blob_root} is corrupt (its bytes hash to {actual})",
+            reason="BLOB_CORRUPT",
+            metadata={"sha256": sha256},
+        )
+    return BlobEntry(sha256, size)
+
+
+# -- restoring ----------------------------------------------------------------
+
+
+def _refuse_rows(db: Connection) -> None:
+    present = MigrationContext.configure(db).get_current_revision() is not None
+    if not present:
+        return  # a new database: not even the schema yet
+    for table in schema.metadata.sorted_tables:
+        if table is schema.counters:  # seeded by the migrations, not data
+            continue
+        if db.execute(select(func.count()).select_from(table)).scalar_one():
+            raise FailedPreconditionError(
+                f"the target registry already holds data ({table.name} is not empty); "
+                "restore into a new data directory or database",
+                reason="TARGET_NOT_EMPTY",
+                metadata={"table": table.name},
+            )
+
+
+def _store_blob(blobs: BlobStore, path: Path, entry: BlobEntry) -> None:
+    if blobs.exists(entry.sha256):
+        return
+    with blobs.writer() as writer, path.open("rb") as reader:
+        while chunk := reader.read(_COPY_BYTES):
+            writer.write(chunk)
+        writer.commit(expected_sha256=entry.sha256, expected_size=entry.size_bytes)
+
+
+def _reset_sequences(db: Connection) -> None:
+    # Rows came with their ids; PostgreSQL's serial sequences must move past
+    # them. SQLite derives the next rowid from the largest one.
+    if db.dialect.name != "postgresql":
+        return
+    for table in schema.metadata.sorted_tables:
+        column = table.autoincrement_column
+        if column is None:
+            continue
+        largest = func.max(column)
+        db.execute(
+            select(
+                func.setval(
+                    func.pg_get_serial_sequence(table.name, column.name),
+                    func.coalesce(largest, 1),
+                    largest.is_not(None),
+                )
+            )
+        )
+
+
+# -- rows, files and digests --------------------------------------------------
+
+
+def _read_rows(source: Path, table: Table) -> Iterator[dict[str, Any]]:
+    """The table's rows from its backup file, decoded and checked against the schema."""
+    path = _table_path(source, table.name)
+    columns = {column.name: column for column in table.columns}
+    with path.open("rb") as file:
+        for number, line in enumerate(file, start=1):
+            try:
+                encoded = json.loads(line)
+                if not isinstance(encoded, dict) or encoded.keys() != columns.keys():
+                    raise ValueError(f"a row must be an object with the columns {sorted(columns)}")
+                yield {
+                    name: _decode(columns[name].type, value, columns[name].nullable)
+                    for name, value in encoded.items()
+                }
+            except (ValueError, TypeError) as error:
+                raise CorruptBackupError(
+                    f"{path.name} line {number}: {error}", metadata={"table": table.name}
+                ) from error
+
+
+def _encode(kind: Any, value: Any) -> Any:
+    if value is None:
+        return None
+    if isinstance(kind, LargeBinary):
+        return base64.b64encode(value).decode("ascii")
+    if isinstance(kind, DateTime):
+        # SQLite hands back naive datetimes; everything stored is UTC.
+        moment = value if value.tzinfo else value.replace(tzinfo=UTC)
+        return moment.astimezone(UTC).isoformat()
+    return value
+
+
+def _decode(kind: Any, value: Any, nullable: bool | None) -> Any:
+    if value is None:
+        if not nullable:
+            raise ValueError("null in a NOT NULL column")
+        return None
+    if isinstance(kind, LargeBinary) and isinstance(value, str):
+        return base64.b64decode(value, validate=True)
+    if isinstance(kind, DateTime) and isinstance(value, str):
+        moment = datetime.fromisoformat(value)
+        if moment.tzinfo is None:
+            raise ValueError(f"timestamp without a time zone: {value}")
+        return moment.astimezone(UTC)
+    if isinstance(kind, Integer) and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(kind, String) and isinstance(value, str):
+        return value
+    raise ValueError(f"{value!r} does not fit a {kind} column")
+
+
+def _batches(rows: Iterator[dict[str, Any]]) -> Iterator[list[dict[str, Any]]]:
+    batch: list[dict[str, Any]] = []
+    for row in rows:
+        batch.append(row)
+        if len(batch) == _INSERT_BATCH:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _check_file(path: Path, sha256: str, size_bytes: int) -> None:
+    try:
+        actual, size = _digest_file(path)
+    except OSError as error:
+        raise CorruptBackupError(f"cannot read {path}: {error}") from error
+    if (actual, size) != (sha256, size_bytes):
+        raise CorruptBackupError(
+            f"{path} does not match the manifest ({size} bytes hashing to {actual}, "
+            f"expected {size_bytes} bytes hashing to {sha256})",
+            metadata={"path": str(path), "sha256": actual, "expected_sha256": sha256},
+        )
+
+
+def _digest_file(path: Path) -> tuple[str, int]:
+    digest, size = hashlib.sha256(), 0
+    with path.open("rb") as file:
+        while chunk := file.read(_COPY_BYTES):
+            digest.update(chunk)
+            size += len(chunk)
+    return digest.hexdigest(), size
+
+
+def _table_path(root: Path, name: str) -> Path:
+    return root / "tables" / f"{name}.jsonl"
+
+
+def _blob_path(root: Path, sha256: str) -> Path:
+    return root / "blobs" / "sha256" / sha256[:2] / sha256
+
+
+def _database_url(settings: RegistrySettings) -> str | None:
+    """The registry's database URL (as :func:`open_store` builds it); None when
+    it is a SQLite file that does not exist yet."""
+    if settings.database_url:
+        return settings.database_url
+    path = settings.service_data_dir / "registry.db"
+    return sqlite_url(path) if path.exists() else None
+
+
+def _head_revision() -> str:
+    head = ScriptDirectory.from_config(alembic_config()).get_current_head()
+    assert head is not None, "the registry has migrations"
+    return head
+
+
+def _fsync_directory(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
