@@ -32,8 +32,8 @@ test: install lint typecheck buf-lint check-protos
 	$(BIN)/pytest -q
 
 lint: install
-	$(BIN)/ruff check services shared tests setup.py
-	$(BIN)/ruff format --check services shared tests setup.py
+	$(BIN)/ruff check services shared tests bench setup.py
+	$(BIN)/ruff format --check services shared tests bench setup.py
 
 # mypy cannot see through the editable install's package-dir mapping, so it reads
 # a link tree that lays out the `conveyor` package as installed (.typecheck/).

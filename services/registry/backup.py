@@ -33,7 +33,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import shutil
 import uuid
 from collections.abc import Iterator, Mapping
@@ -53,6 +52,7 @@ from conveyor.services.registry.server import open_store
 from conveyor.services.registry.settings import RegistrySettings
 from conveyor.shared.errors import AlreadyExistsError, FailedPreconditionError
 from conveyor.shared.storage import BlobStore, create_engine, read_transaction, write_transaction
+from conveyor.shared.storage.blobs import SHA256_HEX
 from conveyor.shared.storage.database import sqlite_url
 
 logger = logging.getLogger(__name__)
@@ -64,7 +64,6 @@ MANIFEST = "manifest.json"
 _BLOB_REFERENCES = ((schema.model_versions, "sha256"), (schema.attachments, "sha256"))
 """The columns that name a blob: a backup holds exactly the blobs they name."""
 
-_HEX_DIGEST = re.compile(r"^[0-9a-f]{64}$")
 _COPY_BYTES = 1024 * 1024
 _INSERT_BATCH = 500
 
@@ -152,7 +151,7 @@ class BackupManifest:
             )
         except (KeyError, TypeError, ValueError) as error:
             raise CorruptBackupError(f"malformed manifest: {error!r}") from error
-        if bad := [b.sha256 for b in manifest.blobs if not _HEX_DIGEST.match(b.sha256)]:
+        if bad := [b.sha256 for b in manifest.blobs if not SHA256_HEX.match(b.sha256)]:
             raise CorruptBackupError(f"malformed blob digest in the manifest: {bad[0]!r}")
         return manifest
 

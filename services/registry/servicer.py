@@ -8,6 +8,7 @@ and mapped to statuses by the shared interceptor.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any, Literal, Protocol
@@ -21,6 +22,7 @@ from conveyor.services.registry.watch import AliasWatchHub
 from conveyor.shared import names, pagination
 from conveyor.shared.auth import caller_principal
 from conveyor.shared.errors import (
+    ConveyorError,
     FailedPreconditionError,
     FieldViolation,
     InvalidArgumentError,
@@ -31,6 +33,7 @@ from conveyor.shared.storage.blobs import BlobInfo, DigestMismatchError
 from conveyor.shared.workers import WorkerThreads
 
 DOWNLOAD_CHUNK_BYTES = 1024 * 1024
+UNREAD_UPLOAD_LIMIT_BYTES = 16 * 1024 * 1024
 MAX_LINEAGE_DEPTH = 100
 ALL_MODELS = "models/-"
 
@@ -167,6 +170,18 @@ class RegistryServicer(registry_service_pb2_grpc.RegistryServiceServicer):
     # -- versions and artifacts ----------------------------------------------
 
     async def CreateModelVersion(
+        self, request_iterator: AsyncIterator[rpc.CreateModelVersionRequest], context: Any
+    ) -> Any:
+        try:
+            return await self._create_model_version(request_iterator, context)
+        except ConveyorError:
+            # Ending the call while the client still sends makes grpc.aio clients
+            # report INTERNAL ("Internal error from Core") instead of this status:
+            # take in what is already on its way (bounded) before answering.
+            await _discard(request_iterator, limit_bytes=UNREAD_UPLOAD_LIMIT_BYTES)
+            raise
+
+    async def _create_model_version(
         self, request_iterator: AsyncIterator[rpc.CreateModelVersionRequest], context: Any
     ) -> Any:
         first = await anext(aiter(request_iterator), None)
@@ -415,18 +430,7 @@ class RegistryServicer(registry_service_pb2_grpc.RegistryServiceServicer):
             _exact_version(request.expected_version, "expected_version")
         validation.raise_if_any(violations, "invalid alias change")
         principal = caller_principal(context)
-        model = await self._workers.run(self._store.get_model, model_id)
-        version = await self._workers.run(
-            self._store.get_version, target, pb.MODEL_VERSION_VIEW_FULL
-        )
-        decision = await self._gate.evaluate(
-            model=model,
-            version=version,
-            alias_id=alias_id,
-            change="set",
-            principal=principal,
-            reason=request.reason,
-        )
+        decision = await self._ask_gate(target, alias_id, "set", principal, request.reason)
         alias = await self._workers.run(
             self._store.set_alias,
             model_id,
@@ -448,24 +452,14 @@ class RegistryServicer(registry_service_pb2_grpc.RegistryServiceServicer):
         if request.expected_version:
             _exact_version(request.expected_version, "expected_version")
         principal = caller_principal(context)
-        model = await self._workers.run(self._store.get_model, model_id)
-        alias_ref = names.ModelVersionRef(model_id, alias=alias_id)
+        current = names.ModelVersionRef(model_id, alias=alias_id)
         try:
-            version = await self._workers.run(
-                self._store.get_version, alias_ref, pb.MODEL_VERSION_VIEW_FULL
-            )
+            decision = await self._ask_gate(current, alias_id, "delete", principal, request.reason)
         except NotFoundError as missing:
+            await self._workers.run(self._store.get_model, model_id)  # an unknown model says so
             raise NotFoundError(
                 f"{request.name} does not exist", reason="ALIAS_NOT_FOUND"
             ) from missing
-        decision = await self._gate.evaluate(
-            model=model,
-            version=version,
-            alias_id=alias_id,
-            change="delete",
-            principal=principal,
-            reason=request.reason,
-        )
         alias = await self._workers.run(
             self._store.delete_alias,
             model_id,
@@ -477,6 +471,28 @@ class RegistryServicer(registry_service_pb2_grpc.RegistryServiceServicer):
         )
         self._watch_hub.notify()
         return rpc.DeleteAliasResponse(alias=alias)
+
+    async def _ask_gate(
+        self,
+        version_ref: names.ModelVersionRef,
+        alias_id: str,
+        change: AliasChange,
+        principal: str,
+        reason: str,
+    ) -> str:
+        """The gate's decision on changing ``alias_id`` (to or from ``version_ref``)."""
+        model = await self._workers.run(self._store.get_model, version_ref.model)
+        version = await self._workers.run(
+            self._store.get_version, version_ref, pb.MODEL_VERSION_VIEW_FULL
+        )
+        return await self._gate.evaluate(
+            model=model,
+            version=version,
+            alias_id=alias_id,
+            change=change,
+            principal=principal,
+            reason=reason,
+        )
 
     async def ListAliases(self, request: rpc.ListAliasesRequest, context: Any) -> Any:
         model_id = _parent_model(request.parent)
@@ -532,6 +548,17 @@ class RegistryServicer(registry_service_pb2_grpc.RegistryServiceServicer):
         return rpc.GetLineageResponse(
             model_version=start, ancestors=ancestors, descendants=descendants, edges=edges
         )
+
+
+async def _discard(
+    requests: AsyncIterator[rpc.CreateModelVersionRequest], *, limit_bytes: int
+) -> None:
+    received = 0
+    with contextlib.suppress(Exception):
+        async for request in requests:
+            received += request.ByteSize()
+            if received >= limit_bytes:
+                return
 
 
 def _invalid(field: str, description: str) -> InvalidArgumentError:

@@ -24,7 +24,8 @@ from typing import cast
 
 from conveyor.shared.errors import InvalidArgumentError, NotFoundError
 
-_HEX_DIGEST = re.compile(r"^[0-9a-f]{64}$")
+SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+"""A SHA-256 digest as the store names blobs: 64 lowercase hex characters."""
 DEFAULT_CHUNK_BYTES = 1024 * 1024
 
 
@@ -111,7 +112,7 @@ class BlobStore:
         """Every stored blob's digest; ``older_than`` seconds skips recent writes."""
         now = time.time()
         for path in self._blobs.glob("*/*"):
-            if _HEX_DIGEST.match(path.name) and now - path.stat().st_mtime >= older_than:
+            if SHA256_HEX.match(path.name) and now - path.stat().st_mtime >= older_than:
                 yield path.name
 
     def delete(self, sha256: str) -> None:
@@ -119,7 +120,7 @@ class BlobStore:
         self._path_for(sha256).unlink(missing_ok=True)
 
     def _path_for(self, sha256: str) -> Path:
-        if not _HEX_DIGEST.match(sha256):
+        if not SHA256_HEX.match(sha256):
             raise InvalidArgumentError(
                 f"not a lowercase hex SHA-256: {sha256!r}", reason="BAD_DIGEST"
             )
