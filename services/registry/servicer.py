@@ -17,7 +17,8 @@ from conveyor.registry.v1 import registry_messages_pb2 as rpc
 from conveyor.registry.v1 import registry_service_pb2_grpc
 from conveyor.registry.v1 import resources_pb2 as pb
 from conveyor.services.registry import queries, validation
-from conveyor.services.registry.store import LATEST, RegistryStore, request_hash
+from conveyor.services.registry.records import LATEST, request_hash
+from conveyor.services.registry.store import RegistryStore
 from conveyor.services.registry.watch import AliasWatchHub
 from conveyor.shared import names, pagination
 from conveyor.shared.auth import caller_principal
@@ -432,7 +433,7 @@ class RegistryServicer(registry_service_pb2_grpc.RegistryServiceServicer):
         principal = caller_principal(context)
         decision = await self._ask_gate(target, alias_id, "set", principal, request.reason)
         alias = await self._workers.run(
-            self._store.set_alias,
+            self._store.aliases.set,
             model_id,
             alias_id,
             target.version or 0,
@@ -461,7 +462,7 @@ class RegistryServicer(registry_service_pb2_grpc.RegistryServiceServicer):
                 f"{request.name} does not exist", reason="ALIAS_NOT_FOUND"
             ) from missing
         alias = await self._workers.run(
-            self._store.delete_alias,
+            self._store.aliases.delete,
             model_id,
             alias_id,
             principal=principal,
@@ -499,7 +500,7 @@ class RegistryServicer(registry_service_pb2_grpc.RegistryServiceServicer):
         size = pagination.page_size(request.page_size)
         fingerprint = pagination.fingerprint(request.parent)
         cursor = pagination.decode_page_token(request.page_token, fingerprint)
-        aliases, _ = await self._workers.run(self._store.alias_snapshot, model_id)
+        aliases, _ = await self._workers.run(self._store.aliases.snapshot, model_id)
         page = aliases[cursor.offset : cursor.offset + size]
         has_more = len(aliases) > cursor.offset + size
         return rpc.ListAliasesResponse(

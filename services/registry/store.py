@@ -9,43 +9,28 @@ points at a blob that was fully written first.
 
 from __future__ import annotations
 
-import hashlib
-import uuid
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from functools import partial
 from typing import Any, Generic, TypeVar
 
-from google.protobuf.message import Message
-from google.protobuf.timestamp_pb2 import Timestamp
-from sqlalchemy import func, insert, select, update
-from sqlalchemy.engine import Connection, Engine, Row
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import insert, select, update
+from sqlalchemy.engine import Connection, Engine
 
 from conveyor.registry.v1 import resources_pb2 as pb
-from conveyor.services.registry import schema
+from conveyor.services.registry import records, schema
+from conveyor.services.registry.aliases import AliasStore
+from conveyor.services.registry.records import ACTIVE, ARCHIVED
 from conveyor.shared import names
 from conveyor.shared.errors import (
-    AbortedError,
     AlreadyExistsError,
-    ConveyorError,
     FailedPreconditionError,
     NotFoundError,
 )
-from conveyor.shared.filtering import Restriction, matches
+from conveyor.shared.filtering import Restriction
 from conveyor.shared.storage import BlobStore, read_transaction, write_transaction
 from conveyor.shared.storage.blobs import BlobInfo
 
-ACTIVE, ARCHIVED = "ACTIVE", "ARCHIVED"
 ORPHAN_GRACE_S = 600.0
-LATEST = "latest"
-_STAGE_ALIASES = (
-    ("production", pb.STAGE_PRODUCTION),
-    ("canary", pb.STAGE_CANARY),
-    ("staging", pb.STAGE_STAGING),
-)
 
 
 T = TypeVar("T")
@@ -59,21 +44,13 @@ class Page(Generic[T]):
     has_more: bool
 
 
-@dataclass(frozen=True)
-class AliasEvent:
-    """One change on the alias watch stream."""
-
-    revision: int
-    event_type: pb.AliasEventType.ValueType
-    alias: pb.Alias
-
-
 class RegistryStore:
     """Registry state on one database and one blob store."""
 
     def __init__(self, engine: Engine, blobs: BlobStore) -> None:
         self.engine = engine
         self.blobs = blobs
+        self.aliases = AliasStore(engine)
 
     # -- idempotency ---------------------------------------------------------
 
@@ -82,17 +59,17 @@ class RegistryStore:
         if not request_id:
             return None
         with read_transaction(self.engine) as db:
-            return _find_request(db, request_id, method, request_hash)
+            return records.find_request(db, request_id, method, request_hash)
 
     # -- models --------------------------------------------------------------
 
     def create_model(
         self, model_id: str, model: pb.Model, *, principal: str, request_id: str, request_hash: str
     ) -> pb.Model:
-        now = _now()
+        now = records.now()
         body = pb.Model()
         body.CopyFrom(model)
-        _clear(
+        records.clear(
             body, "name", "state", "aliases", "latest_version", "create_time", "update_time", "etag"
         )
         body.created_by = principal
@@ -101,8 +78,10 @@ class RegistryStore:
             reason="MODEL_EXISTS",
             metadata={"name": f"models/{model_id}"},
         )
-        with _conflict_means(exists), write_transaction(self.engine) as db:
-            if (done := _find_request(db, request_id, "CreateModel", request_hash)) is not None:
+        with records.conflict_means(exists), write_transaction(self.engine) as db:
+            if (
+                done := records.find_request(db, request_id, "CreateModel", request_hash)
+            ) is not None:
                 return self._model(db, names.parse_model_name(done))
             if db.execute(
                 select(schema.models.c.id).where(schema.models.c.model_id == model_id)
@@ -115,11 +94,13 @@ class RegistryStore:
                     next_version=1,
                     create_time=now,
                     update_time=now,
-                    etag=_etag(),
+                    etag=records.etag(),
                     body=body.SerializeToString(),
                 )
             )
-            _record_request(db, request_id, "CreateModel", request_hash, f"models/{model_id}", now)
+            records.record_request(
+                db, request_id, "CreateModel", request_hash, f"models/{model_id}", now
+            )
             return self._model(db, model_id)
 
     def get_model(self, model_id: str) -> pb.Model:
@@ -149,35 +130,38 @@ class RegistryStore:
             query = query.where(schema.models.c.state == ACTIVE)
         with read_transaction(self.engine) as db:
             rows = db.execute(query).all()
-            aliases = _aliases_by_model(db, [row.id for row in rows])
-            latest = _latest_versions(db)
+            aliases = records.aliases_by_model(db, [row.id for row in rows])
+            latest = records.latest_versions(db)
             found = [
-                _model_from_row(row, aliases.get(row.id, {}), latest.get(row.id)) for row in rows
+                records.model_from_row(row, aliases.get(row.id, {}), latest.get(row.id))
+                for row in rows
             ]
-        selected = _matching(found, restrictions, resolve)
+        selected = records.matching(found, restrictions, resolve)
         return Page(selected[offset : offset + limit], has_more=len(selected) > offset + limit)
 
     def update_model(
         self, model_id: str, changes: pb.Model, paths: Sequence[str], *, etag: str
     ) -> pb.Model:
         with write_transaction(self.engine) as db:
-            row = _model_row(db, model_id, lock=True)
-            _check_etag(etag, row.etag, f"models/{model_id}")
+            row = records.model_row(db, model_id, lock=True)
+            records.check_etag(etag, row.etag, f"models/{model_id}")
             body = pb.Model.FromString(row.body)
             for path in paths:
-                _copy_field(changes, body, path)
+                records.copy_field(changes, body, path)
             db.execute(
                 update(schema.models)
                 .where(schema.models.c.id == row.id)
-                .values(body=body.SerializeToString(), update_time=_now(), etag=_etag())
+                .values(
+                    body=body.SerializeToString(), update_time=records.now(), etag=records.etag()
+                )
             )
             return self._model(db, model_id)
 
     def set_model_state(self, model_id: str, state: str, *, etag: str = "") -> pb.Model:
         with write_transaction(self.engine) as db:
-            row = _model_row(db, model_id, lock=True)
-            _check_etag(etag, row.etag, f"models/{model_id}")
-            if state == ARCHIVED and _aliases_by_model(db, [row.id]):
+            row = records.model_row(db, model_id, lock=True)
+            records.check_etag(etag, row.etag, f"models/{model_id}")
+            if state == ARCHIVED and records.aliases_by_model(db, [row.id]):
                 raise FailedPreconditionError(
                     f"models/{model_id} still has aliases; delete them before archiving",
                     reason="MODEL_HAS_ALIASES",
@@ -187,7 +171,7 @@ class RegistryStore:
                 db.execute(
                     update(schema.models)
                     .where(schema.models.c.id == row.id)
-                    .values(state=state, update_time=_now(), etag=_etag())
+                    .values(state=state, update_time=records.now(), etag=records.etag())
                 )
             return self._model(db, model_id)
 
@@ -204,10 +188,10 @@ class RegistryStore:
         request_hash: str,
     ) -> pb.ModelVersion:
         """Add a version whose artifact is already stored; numbers it next."""
-        now = _now()
+        now = records.now()
         body = pb.ModelVersion()
         body.CopyFrom(version)
-        _clear(
+        records.clear(
             body,
             "name",
             "artifact",
@@ -224,15 +208,15 @@ class RegistryStore:
         body.artifact.size_bytes = artifact.size_bytes
         with write_transaction(self.engine) as db:
             if (
-                done := _find_request(db, request_id, "CreateModelVersion", request_hash)
+                done := records.find_request(db, request_id, "CreateModelVersion", request_hash)
             ) is not None:
                 return self._version(
                     db, names.parse_model_version_ref(done), pb.MODEL_VERSION_VIEW_FULL
                 )
-            model = _model_row(db, model_id)
+            model = records.model_row(db, model_id)
             if body.lineage.parent_version:
                 # The parent must already exist: lineage can then never loop.
-                _existing_parent(db, body.lineage.parent_version)
+                records.existing_parent(db, body.lineage.parent_version)
             if model.state != ACTIVE:
                 raise FailedPreconditionError(
                     f"models/{model_id} is archived: it takes no new versions",
@@ -259,12 +243,12 @@ class RegistryStore:
                     parent_version=body.lineage.parent_version,
                     create_time=now,
                     update_time=now,
-                    etag=_etag(),
+                    etag=records.etag(),
                     body=body.SerializeToString(),
                 )
             )
             name = names.model_version_name(model_id, number)
-            _record_request(db, request_id, "CreateModelVersion", request_hash, name, now)
+            records.record_request(db, request_id, "CreateModelVersion", request_hash, name, now)
             return self._version(
                 db, names.ModelVersionRef(model_id, number), pb.MODEL_VERSION_VIEW_FULL
             )
@@ -286,17 +270,17 @@ class RegistryStore:
         limit: int,
     ) -> Page[pb.ModelVersion]:
         with read_transaction(self.engine) as db:
-            query = _versions_query()
+            query = records.versions_query()
             if model_id is not None:
-                query = query.where(schema.models.c.id == _model_row(db, model_id).id)
+                query = query.where(schema.models.c.id == records.model_row(db, model_id).id)
             if not show_archived:
                 query = query.where(
                     schema.model_versions.c.state == ACTIVE, schema.models.c.state == ACTIVE
                 )
             rows = db.execute(query).all()
-            aliases = _aliases_by_version(db, [row.id for row in rows])
-        found = [_version_from_row(row, aliases.get(row.id, []), view) for row in rows]
-        selected = sorted(_matching(found, restrictions, resolve), key=sort_key)
+            aliases = records.aliases_by_version(db, [row.id for row in rows])
+        found = [records.version_from_row(row, aliases.get(row.id, []), view) for row in rows]
+        selected = sorted(records.matching(found, restrictions, resolve), key=sort_key)
         return Page(selected[offset : offset + limit], has_more=len(selected) > offset + limit)
 
     def update_version(
@@ -309,9 +293,9 @@ class RegistryStore:
         principal: str,
     ) -> pb.ModelVersion:
         with write_transaction(self.engine) as db:
-            _model_row(db, ref.model, lock=True)  # serialise changes to its versions
-            row = _version_row(db, ref)
-            _check_etag(etag, row.etag, str(ref))
+            records.model_row(db, ref.model, lock=True)  # serialise changes to its versions
+            row = records.version_row(db, ref)
+            records.check_etag(etag, row.etag, str(ref))
             body = pb.ModelVersion.FromString(row.body)
             if "reference_statistics" in paths and body.HasField("reference_statistics"):
                 raise FailedPreconditionError(
@@ -319,11 +303,11 @@ class RegistryStore:
                     reason="REFERENCE_STATISTICS_SET",
                 )
             for path in paths:
-                _copy_field(changes, body, path)
+                records.copy_field(changes, body, path)
             if "deployment_block" in paths and body.HasField("deployment_block"):
                 body.deployment_block.created_by = principal
-                body.deployment_block.create_time.FromDatetime(_now())
-                if _aliases_by_version(db, [row.id]):
+                body.deployment_block.create_time.FromDatetime(records.now())
+                if records.aliases_by_version(db, [row.id]):
                     raise FailedPreconditionError(
                         f"{ref} holds aliases; move them before blocking its deployment",
                         reason="VERSION_HAS_ALIASES",
@@ -331,7 +315,9 @@ class RegistryStore:
             db.execute(
                 update(schema.model_versions)
                 .where(schema.model_versions.c.id == row.id)
-                .values(body=body.SerializeToString(), update_time=_now(), etag=_etag())
+                .values(
+                    body=body.SerializeToString(), update_time=records.now(), etag=records.etag()
+                )
             )
             return self._version(db, ref, pb.MODEL_VERSION_VIEW_FULL)
 
@@ -339,10 +325,10 @@ class RegistryStore:
         self, ref: names.ModelVersionRef, state: str, *, etag: str = ""
     ) -> pb.ModelVersion:
         with write_transaction(self.engine) as db:
-            _model_row(db, ref.model, lock=True)  # serialise changes to its versions
-            row = _version_row(db, ref)
-            _check_etag(etag, row.etag, str(ref))
-            if state == ARCHIVED and (held := _aliases_by_version(db, [row.id]).get(row.id)):
+            records.model_row(db, ref.model, lock=True)  # serialise changes to its versions
+            row = records.version_row(db, ref)
+            records.check_etag(etag, row.etag, str(ref))
+            if state == ARCHIVED and (held := records.aliases_by_version(db, [row.id]).get(row.id)):
                 raise FailedPreconditionError(
                     f"{ref} holds the aliases {', '.join(held)}; move them first",
                     reason="VERSION_HAS_ALIASES",
@@ -352,7 +338,7 @@ class RegistryStore:
                 db.execute(
                     update(schema.model_versions)
                     .where(schema.model_versions.c.id == row.id)
-                    .values(state=state, update_time=_now(), etag=_etag())
+                    .values(state=state, update_time=records.now(), etag=records.etag())
                 )
             return self._version(db, ref, pb.MODEL_VERSION_VIEW_FULL)
 
@@ -369,7 +355,7 @@ class RegistryStore:
         request_hash: str,
     ) -> pb.Attachment:
         content = self.blobs.put(attachment.content)
-        now = _now()
+        now = records.now()
         body = pb.Attachment()
         body.CopyFrom(attachment)
         body.ClearField("content")
@@ -383,12 +369,12 @@ class RegistryStore:
         duplicate = AlreadyExistsError(
             f"{name} already exists", reason="ATTACHMENT_EXISTS", metadata={"name": name}
         )
-        with _conflict_means(duplicate), write_transaction(self.engine) as db:
+        with records.conflict_means(duplicate), write_transaction(self.engine) as db:
             if (
-                done := _find_request(db, request_id, "CreateAttachment", request_hash)
+                done := records.find_request(db, request_id, "CreateAttachment", request_hash)
             ) is not None:
                 return self._attachment(db, done, with_content=False)
-            version = _version_row(db, ref)
+            version = records.version_row(db, ref)
             if version.state != ACTIVE or version.model_state != ACTIVE:
                 raise FailedPreconditionError(
                     f"{ref} is archived: it takes no new attachments", reason="VERSION_ARCHIVED"
@@ -412,7 +398,7 @@ class RegistryStore:
                     body=body.SerializeToString(),
                 )
             )
-            _record_request(db, request_id, "CreateAttachment", request_hash, body.name, now)
+            records.record_request(db, request_id, "CreateAttachment", request_hash, body.name, now)
             return body
 
     def get_attachment(self, name: str) -> pb.Attachment:
@@ -431,7 +417,7 @@ class RegistryStore:
     ) -> tuple[str, Page[pb.Attachment]]:
         """The resolved version name and one page of its attachments."""
         with read_transaction(self.engine) as db:
-            version = _version_row(db, ref)
+            version = records.version_row(db, ref)
             order = schema.attachments.c.id.desc() if newest_first else schema.attachments.c.id
             rows = db.execute(
                 select(schema.attachments.c.body)
@@ -439,7 +425,7 @@ class RegistryStore:
                 .order_by(order)
             ).all()
         found = [pb.Attachment.FromString(row.body) for row in rows]
-        selected = _matching(found, restrictions, resolve)
+        selected = records.matching(found, restrictions, resolve)
         page = Page(selected[offset : offset + limit], has_more=len(selected) > offset + limit)
         return names.model_version_name(version.model_id, version.version), page
 
@@ -464,181 +450,17 @@ class RegistryStore:
             frontier, depth = [start.name], 0
             while descendants and frontier and depth < max_depth:
                 rows = db.execute(
-                    _versions_query()
+                    records.versions_query()
                     .where(schema.model_versions.c.parent_version.in_(frontier))
                     .order_by(schema.model_versions.c.id)
                 ).all()
-                aliases = _aliases_by_version(db, [row.id for row in rows])
-                children = [_version_from_row(row, aliases.get(row.id, []), basic) for row in rows]
+                aliases = records.aliases_by_version(db, [row.id for row in rows])
+                children = [
+                    records.version_from_row(row, aliases.get(row.id, []), basic) for row in rows
+                ]
                 down.extend(children)
                 frontier, depth = [child.name for child in children], depth + 1
         return start, up, down
-
-    # -- aliases -------------------------------------------------------------
-
-    def set_alias(
-        self,
-        model_id: str,
-        alias_id: str,
-        version_number: int,
-        *,
-        principal: str,
-        reason: str,
-        decision: str,
-        expected_version: str,
-    ) -> pb.Alias:
-        with write_transaction(self.engine) as db:
-            model = _model_row(db, model_id, lock=True)  # one alias change per model at a time
-            if model.state != ACTIVE:
-                raise FailedPreconditionError(
-                    f"models/{model_id} is archived", reason="MODEL_ARCHIVED"
-                )
-            target = _version_row(db, names.ModelVersionRef(model_id, version_number))
-            target_body = pb.ModelVersion.FromString(target.body)
-            version_name = names.model_version_name(model_id, version_number)
-            if target.state != ACTIVE:
-                raise FailedPreconditionError(
-                    f"{version_name} is archived: no alias may point at it",
-                    reason="VERSION_ARCHIVED",
-                )
-            if target_body.HasField("deployment_block"):
-                raise FailedPreconditionError(
-                    f"{version_name} is blocked from deployment: "
-                    f"{target_body.deployment_block.reason}",
-                    reason="DEPLOYMENT_BLOCKED",
-                    metadata={"version": version_name},
-                )
-            current = _alias_row(db, model.id, alias_id)
-            current_version = pb.Alias.FromString(current.body).version if current else ""
-            _check_expected(expected_version, current_version, model_id, alias_id)
-            if current is not None and current_version == version_name:
-                return pb.Alias.FromString(current.body)
-            revision = _next_revision(db)
-            alias = pb.Alias(
-                name=f"models/{model_id}/aliases/{alias_id}",
-                version=version_name,
-                previous_version=current_version,
-                revision=revision,
-                updated_by=principal,
-                reason=reason,
-                decision=decision,
-            )
-            now = _now()
-            alias.update_time.FromDatetime(now)
-            values = {
-                "version_pk": target.id,
-                "revision": revision,
-                "body": alias.SerializeToString(),
-            }
-            if current is None:
-                db.execute(
-                    insert(schema.aliases).values(model_pk=model.id, alias_id=alias_id, **values)
-                )
-            else:
-                db.execute(
-                    update(schema.aliases)
-                    .where(
-                        schema.aliases.c.model_pk == model.id, schema.aliases.c.alias_id == alias_id
-                    )
-                    .values(**values)
-                )
-            _record_event(db, revision, model_id, alias_id, pb.ALIAS_EVENT_TYPE_SET, alias, now)
-            return alias
-
-    def delete_alias(
-        self,
-        model_id: str,
-        alias_id: str,
-        *,
-        principal: str,
-        reason: str,
-        decision: str,
-        expected_version: str,
-    ) -> pb.Alias:
-        with write_transaction(self.engine) as db:
-            model = _model_row(db, model_id, lock=True)  # one alias change per model at a time
-            current = _alias_row(db, model.id, alias_id)
-            if current is None:
-                raise NotFoundError(
-                    f"models/{model_id}/aliases/{alias_id} does not exist", reason="ALIAS_NOT_FOUND"
-                )
-            alias = pb.Alias.FromString(current.body)
-            _check_expected(expected_version, alias.version, model_id, alias_id)
-            now = _now()
-            alias.revision, alias.updated_by, alias.reason = _next_revision(db), principal, reason
-            alias.decision = decision
-            alias.update_time.FromDatetime(now)
-            db.execute(
-                schema.aliases.delete().where(
-                    schema.aliases.c.model_pk == model.id, schema.aliases.c.alias_id == alias_id
-                )
-            )
-            _record_event(
-                db, alias.revision, model_id, alias_id, pb.ALIAS_EVENT_TYPE_DELETED, alias, now
-            )
-            return alias
-
-    def alias_snapshot(
-        self, model_id: str | None, alias_ids: Iterable[str] = ()
-    ) -> tuple[list[pb.Alias], int]:
-        """Current aliases (ordered by name) and the revision they reflect."""
-        wanted = set(alias_ids)
-        with read_transaction(self.engine) as db:
-            if model_id is not None:
-                _model_row(db, model_id)
-            revision = (
-                db.execute(
-                    select(schema.counters.c.value).where(
-                        schema.counters.c.name == schema.ALIAS_REVISION_COUNTER
-                    )
-                ).scalar()
-                or 0
-            )
-            query = (
-                select(schema.aliases.c.body, schema.aliases.c.alias_id)
-                .join(schema.models, schema.models.c.id == schema.aliases.c.model_pk)
-                .order_by(schema.models.c.model_id, schema.aliases.c.alias_id)
-            )
-            if model_id is not None:
-                query = query.where(schema.models.c.model_id == model_id)
-            rows = db.execute(query).all()
-        found = [
-            pb.Alias.FromString(row.body) for row in rows if not wanted or row.alias_id in wanted
-        ]
-        return found, revision
-
-    def alias_events_after(
-        self, revision: int, model_id: str | None, alias_ids: Iterable[str] = ()
-    ) -> tuple[list[AliasEvent], int] | None:
-        """Changes after ``revision``, in order, and the newest revision looked at
-        (filtered-out changes included); None when that history is gone."""
-        wanted = set(alias_ids)
-        events = schema.alias_events
-        with read_transaction(self.engine) as db:
-            oldest = db.execute(select(func.min(events.c.revision))).scalar()
-            if oldest is not None and revision < oldest - 1:
-                return None
-            query = select(events).where(events.c.revision > revision).order_by(events.c.revision)
-            rows = db.execute(query).all()
-        newest = rows[-1].revision if rows else revision
-        found = [
-            AliasEvent(row.revision, _EVENT_TYPES[row.event_type], pb.Alias.FromString(row.body))
-            for row in rows
-            if (model_id is None or row.model_id == model_id)
-            and (not wanted or row.alias_id in wanted)
-        ]
-        return found, newest
-
-    def current_revision(self) -> int:
-        with read_transaction(self.engine) as db:
-            return (
-                db.execute(
-                    select(schema.counters.c.value).where(
-                        schema.counters.c.name == schema.ALIAS_REVISION_COUNTER
-                    )
-                ).scalar()
-                or 0
-            )
 
     # -- maintenance ---------------------------------------------------------
 
@@ -664,20 +486,22 @@ class RegistryStore:
     # -- reads shared by the methods above -----------------------------------
 
     def _model(self, db: Connection, model_id: str) -> pb.Model:
-        row = _model_row(db, model_id)
-        return _model_from_row(
+        row = records.model_row(db, model_id)
+        return records.model_from_row(
             row,
-            _aliases_by_model(db, [row.id]).get(row.id, {}),
-            _latest_versions(db, row.id).get(row.id),
+            records.aliases_by_model(db, [row.id]).get(row.id, {}),
+            records.latest_versions(db, row.id).get(row.id),
         )
 
     def _version(self, db: Connection, ref: names.ModelVersionRef, view: int) -> pb.ModelVersion:
-        row = _version_row(db, ref)
-        return _version_from_row(row, _aliases_by_version(db, [row.id]).get(row.id, []), view)
+        row = records.version_row(db, ref)
+        return records.version_from_row(
+            row, records.aliases_by_version(db, [row.id]).get(row.id, []), view
+        )
 
     def _attachment(self, db: Connection, name: str, *, with_content: bool) -> pb.Attachment:
         parent, _, attachment_id = name.rpartition("/attachments/")
-        version = _version_row(db, names.parse_model_version_ref(parent))
+        version = records.version_row(db, names.parse_model_version_ref(parent))
         row = db.execute(
             select(schema.attachments.c.body).where(
                 schema.attachments.c.version_pk == version.id,
@@ -692,286 +516,3 @@ class RegistryStore:
         if with_content:
             attachment.content = self.blobs.read(attachment.sha256)
         return attachment
-
-
-# -- row helpers ------------------------------------------------------------
-
-_EVENT_TYPES: dict[str, pb.AliasEventType.ValueType] = {
-    "SET": pb.ALIAS_EVENT_TYPE_SET,
-    "DELETED": pb.ALIAS_EVENT_TYPE_DELETED,
-}
-
-
-@contextmanager
-def _conflict_means(error: ConveyorError) -> Iterator[None]:
-    """A unique-constraint violation (a concurrent twin won the race) is ``error``."""
-    try:
-        yield
-    except IntegrityError as conflict:
-        raise error from conflict
-
-
-def _matching(
-    items: list[T], restrictions: list[Restriction], resolve: Callable[[T, str], object]
-) -> list[T]:
-    return [item for item in items if matches(restrictions, partial(resolve, item))]
-
-
-def _now() -> datetime:
-    return datetime.now(UTC)
-
-
-def _utc(value: datetime) -> datetime:
-    # SQLite hands back naive datetimes; everything stored is UTC.
-    return value if value.tzinfo else value.replace(tzinfo=UTC)
-
-
-def _timestamp(value: datetime) -> Timestamp:
-    stamp = Timestamp()
-    stamp.FromDatetime(_utc(value))
-    return stamp
-
-
-def _etag() -> str:
-    return uuid.uuid4().hex
-
-
-def _clear(message: Message, *fields: str) -> None:
-    for field in fields:
-        message.ClearField(field)
-
-
-def _copy_field(source: Message, target: Message, path: str) -> None:
-    target.ClearField(path)
-    field = source.DESCRIPTOR.fields_by_name[path]
-    if field.is_repeated:  # lists and maps
-        getattr(target, path).MergeFrom(getattr(source, path))
-    elif field.message_type is not None:
-        if source.HasField(path):
-            getattr(target, path).CopyFrom(getattr(source, path))
-    else:
-        setattr(target, path, getattr(source, path))
-
-
-def _check_etag(given: str, stored: str, name: str) -> None:
-    if given and given != stored:
-        raise AbortedError(
-            f"{name} changed since it was read (stale etag)",
-            reason="ETAG_MISMATCH",
-            metadata={"name": name},
-        )
-
-
-def _check_expected(expected: str, current: str, model_id: str, alias_id: str) -> None:
-    if not expected:
-        return
-    if (expected == "-" and current) or (expected != "-" and expected != current):
-        raise AbortedError(
-            f"models/{model_id}/aliases/{alias_id} points at {current or 'nothing'}, "
-            f"not {expected}",
-            reason="ALIAS_MOVED",
-            metadata={"current_version": current, "expected_version": expected},
-        )
-
-
-def _find_request(db: Connection, request_id: str, method: str, request_hash: str) -> str | None:
-    if not request_id:
-        return None
-    row = db.execute(
-        select(schema.request_ids).where(schema.request_ids.c.request_id == request_id)
-    ).first()
-    if row is None:
-        return None
-    if row.method != method or row.request_hash != request_hash:
-        raise AlreadyExistsError(
-            f"request_id {request_id} was used for a different request",
-            reason="REQUEST_ID_CONFLICT",
-            metadata={"request_id": request_id},
-        )
-    resource: str = row.resource_name
-    return resource
-
-
-def _record_request(
-    db: Connection, request_id: str, method: str, request_hash: str, name: str, now: datetime
-) -> None:
-    if request_id:
-        db.execute(
-            insert(schema.request_ids).values(
-                request_id=request_id,
-                method=method,
-                request_hash=request_hash,
-                resource_name=name,
-                create_time=now,
-            )
-        )
-
-
-def request_hash(message: Message) -> str:
-    """The fingerprint of a request, for idempotency checks."""
-    return hashlib.sha256(message.SerializeToString(deterministic=True)).hexdigest()
-
-
-def _model_row(db: Connection, model_id: str, *, lock: bool = False) -> Row[Any]:
-    """The model's row; ``lock`` holds it until the transaction ends (PostgreSQL;
-    SQLite's write transactions are serialised already)."""
-    query = select(schema.models).where(schema.models.c.model_id == model_id)
-    row = db.execute(query.with_for_update() if lock else query).first()
-    if row is None:
-        raise NotFoundError(
-            f"models/{model_id} does not exist",
-            reason="MODEL_NOT_FOUND",
-            metadata={"name": f"models/{model_id}"},
-        )
-    return row
-
-
-def _versions_query() -> Any:
-    versions, models = schema.model_versions, schema.models
-    return select(versions, models.c.model_id, models.c.state.label("model_state")).join(
-        models, models.c.id == versions.c.model_pk
-    )
-
-
-def _version_row(db: Connection, ref: names.ModelVersionRef) -> Row[Any]:
-    versions = schema.model_versions
-    query = _versions_query().where(schema.models.c.model_id == ref.model)
-    if ref.version is not None:
-        query = query.where(versions.c.version == ref.version)
-    elif ref.alias == LATEST:
-        query = query.where(versions.c.state == ACTIVE).order_by(versions.c.version.desc()).limit(1)
-    else:
-        query = query.join(schema.aliases, schema.aliases.c.version_pk == versions.c.id).where(
-            schema.aliases.c.alias_id == ref.alias
-        )
-    row = db.execute(query).first()
-    if row is None:
-        _model_row(db, ref.model)  # a missing model says so
-        raise NotFoundError(
-            f"{ref} does not exist", reason="VERSION_NOT_FOUND", metadata={"name": str(ref)}
-        )
-    return row
-
-
-def _existing_parent(db: Connection, parent: str) -> None:
-    try:
-        _version_row(db, names.parse_model_version_ref(parent))
-    except NotFoundError as missing:
-        raise FailedPreconditionError(
-            f"lineage.parent_version {parent} is not in this registry",
-            reason="PARENT_VERSION_NOT_FOUND",
-            metadata={"parent_version": parent},
-        ) from missing
-
-
-def _alias_row(db: Connection, model_pk: int, alias_id: str) -> Row[Any] | None:
-    return db.execute(
-        select(schema.aliases).where(
-            schema.aliases.c.model_pk == model_pk, schema.aliases.c.alias_id == alias_id
-        )
-    ).first()
-
-
-def _next_revision(db: Connection) -> int:
-    """The next alias revision. The counter row (seeded by migration 0002) is
-    locked until the transaction ends, so revisions commit in order."""
-    counters = schema.counters
-    bumped = db.execute(
-        update(counters)
-        .where(counters.c.name == schema.ALIAS_REVISION_COUNTER)
-        .values(value=counters.c.value + 1)
-        .returning(counters.c.value)
-    ).scalar_one()
-    return int(bumped)
-
-
-def _record_event(
-    db: Connection,
-    revision: int,
-    model_id: str,
-    alias_id: str,
-    event_type: pb.AliasEventType.ValueType,
-    alias: pb.Alias,
-    now: datetime,
-) -> None:
-    db.execute(
-        insert(schema.alias_events).values(
-            revision=revision,
-            model_id=model_id,
-            alias_id=alias_id,
-            event_type="SET" if event_type == pb.ALIAS_EVENT_TYPE_SET else "DELETED",
-            create_time=now,
-            body=alias.SerializeToString(),
-        )
-    )
-
-
-def _aliases_by_model(db: Connection, model_pks: list[int]) -> dict[int, dict[str, str]]:
-    if not model_pks:
-        return {}
-    rows = db.execute(
-        select(schema.aliases.c.model_pk, schema.aliases.c.alias_id, schema.aliases.c.body).where(
-            schema.aliases.c.model_pk.in_(model_pks)
-        )
-    ).all()
-    found: dict[int, dict[str, str]] = {}
-    for row in rows:
-        found.setdefault(row.model_pk, {})[row.alias_id] = pb.Alias.FromString(row.body).version
-    return found
-
-
-def _aliases_by_version(db: Connection, version_pks: list[int]) -> dict[int, list[str]]:
-    if not version_pks:
-        return {}
-    rows = db.execute(
-        select(schema.aliases.c.version_pk, schema.aliases.c.alias_id)
-        .where(schema.aliases.c.version_pk.in_(version_pks))
-        .order_by(schema.aliases.c.alias_id)
-    ).all()
-    found: dict[int, list[str]] = {}
-    for row in rows:
-        found.setdefault(row.version_pk, []).append(row.alias_id)
-    return found
-
-
-def _latest_versions(db: Connection, model_pk: int | None = None) -> dict[int, int]:
-    versions = schema.model_versions
-    query = select(versions.c.model_pk, func.max(versions.c.version)).group_by(versions.c.model_pk)
-    if model_pk is not None:
-        query = query.where(versions.c.model_pk == model_pk)
-    return {row[0]: row[1] for row in db.execute(query).all()}
-
-
-def _model_from_row(row: Row[Any], aliases: dict[str, str], latest: int | None) -> pb.Model:
-    model = pb.Model.FromString(row.body)
-    model.name = f"models/{row.model_id}"
-    model.state = pb.MODEL_STATE_ACTIVE if row.state == ACTIVE else pb.MODEL_STATE_ARCHIVED
-    model.aliases.update(aliases)
-    if latest is not None:
-        model.latest_version = names.model_version_name(row.model_id, latest)
-    model.create_time.CopyFrom(_timestamp(row.create_time))
-    model.update_time.CopyFrom(_timestamp(row.update_time))
-    model.etag = row.etag
-    return model
-
-
-def _version_from_row(row: Row[Any], aliases: list[str], view: int) -> pb.ModelVersion:
-    version = pb.ModelVersion.FromString(row.body)
-    version.name = names.model_version_name(row.model_id, row.version)
-    archived = row.state != ACTIVE or row.model_state != ACTIVE
-    version.state = (
-        pb.MODEL_VERSION_STATE_ARCHIVED if row.state != ACTIVE else pb.MODEL_VERSION_STATE_ACTIVE
-    )
-    version.aliases.extend(aliases)
-    version.stage = (
-        pb.STAGE_ARCHIVED
-        if archived
-        else next((stage for alias, stage in _STAGE_ALIASES if alias in aliases), pb.STAGE_NONE)
-    )
-    version.create_time.CopyFrom(_timestamp(row.create_time))
-    version.update_time.CopyFrom(_timestamp(row.update_time))
-    version.etag = row.etag
-    if view == pb.MODEL_VERSION_VIEW_BASIC:
-        version.ClearField("model_card")
-        version.ClearField("reference_statistics")
-    return version

@@ -45,7 +45,7 @@ class AliasWatchHub:
     ) -> AsyncIterator[rpc.WatchAliasesResponse]:
         if model_id is not None:
             await self._workers.run(self._store.get_model, model_id)  # NOT_FOUND when unknown
-        current = await self._workers.run(self._store.current_revision)
+        current = await self._workers.run(self._store.aliases.current_revision)
         if start_revision > current:
             raise InvalidArgumentError(
                 f"start_revision {start_revision} is ahead of the registry ({current})",
@@ -56,10 +56,12 @@ class AliasWatchHub:
         history = None
         if start_revision:
             history = await self._workers.run(
-                self._store.alias_events_after, start_revision, model_id, alias_ids
+                self._store.aliases.events_after, start_revision, model_id, alias_ids
             )
         if history is None:  # a fresh watch, or the history to resume from is gone
-            aliases, last = await self._workers.run(self._store.alias_snapshot, model_id, alias_ids)
+            aliases, last = await self._workers.run(
+                self._store.aliases.snapshot, model_id, alias_ids
+            )
             # In revision order, so that revisions never go down along the stream
             # and a client cut off mid-snapshot can resume from the last one.
             for alias in sorted(aliases, key=lambda a: a.revision):
@@ -76,7 +78,7 @@ class AliasWatchHub:
         while not self._closed:
             changed = self._changed  # taken before reading, so no change slips between
             found = await self._workers.run(
-                self._store.alias_events_after, last, model_id, alias_ids
+                self._store.aliases.events_after, last, model_id, alias_ids
             )
             if found is not None:
                 events, last = found
