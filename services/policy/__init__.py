@@ -1,0 +1,1 @@
+"""The policy service: Cedar policies, authorization decisions and promotion gates."""
