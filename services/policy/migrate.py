@@ -1,0 +1,32 @@
+"""Brings a policy database to the newest schema with Alembic.
+
+The policy service records its migrations in its own version table
+(``policy_alembic_version``), so its tables may share a database with another
+service's without the two migration histories colliding.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy.engine import Engine
+
+MIGRATIONS = Path(__file__).with_name("migrations")
+VERSION_TABLE = "policy_alembic_version"
+
+
+def alembic_config() -> Config:
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    config.set_main_option("version_table", VERSION_TABLE)
+    return config
+
+
+def upgrade_to_head(engine: Engine) -> None:
+    """Apply every migration the database lacks (none on an up-to-date one)."""
+    config = alembic_config()
+    with engine.begin() as connection:
+        config.attributes["connection"] = connection
+        command.upgrade(config, "head")
