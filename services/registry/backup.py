@@ -54,6 +54,7 @@ from conveyor.shared.errors import AlreadyExistsError, FailedPreconditionError
 from conveyor.shared.storage import BlobStore, create_engine, read_transaction, write_transaction
 from conveyor.shared.storage.blobs import SHA256_HEX
 from conveyor.shared.storage.database import sqlite_url
+from conveyor.shared.storage.files import fsync_directory
 
 logger = logging.getLogger(__name__)
 
@@ -183,7 +184,7 @@ def backup_registry(settings: RegistrySettings, destination: Path) -> BackupMani
         if destination.exists():
             destination.rmdir()
         os.rename(staging, destination)
-        _fsync_directory(destination.parent)
+        fsync_directory(destination.parent)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -302,13 +303,13 @@ def _write_backup(engine: Engine, blob_root: Path, staging: Path) -> BackupManif
             )
         for table in schema.metadata.sorted_tables:
             tables.append(_write_table(db, table, _table_path(staging, table.name), named))
-    _fsync_directory(staging / "tables")
+    fsync_directory(staging / "tables")
     blobs = [_copy_blob(blob_root, staging, digest) for digest in sorted(named)]
     if blobs:
         for directory in {_blob_path(staging, b.sha256).parent for b in blobs}:
-            _fsync_directory(directory)
-        _fsync_directory(staging / "blobs" / "sha256")
-        _fsync_directory(staging / "blobs")
+            fsync_directory(directory)
+        fsync_directory(staging / "blobs" / "sha256")
+        fsync_directory(staging / "blobs")
     manifest = BackupManifest(
         created_at=created_at,
         alembic_revision=revision,
@@ -321,7 +322,7 @@ def _write_backup(engine: Engine, blob_root: Path, staging: Path) -> BackupManif
         file.write("\n")
         file.flush()
         os.fsync(file.fileno())
-    _fsync_directory(staging)
+    fsync_directory(staging)
     return manifest
 
 
@@ -534,11 +535,3 @@ def _head_revision() -> str:
     head = ScriptDirectory.from_config(alembic_config()).get_current_head()
     assert head is not None, "the registry has migrations"
     return head
-
-
-def _fsync_directory(path: Path) -> None:
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)

@@ -4,22 +4,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from alembic import command
 from alembic.config import Config
 from sqlalchemy.engine import Engine
+
+from conveyor.shared.storage import migrations
 
 MIGRATIONS = Path(__file__).with_name("migrations")
 
 
 def alembic_config() -> Config:
-    config = Config()
-    config.set_main_option("script_location", str(MIGRATIONS))
-    return config
+    return migrations.alembic_config(MIGRATIONS)
 
 
 def upgrade_to_head(engine: Engine) -> None:
     """Apply every migration the database lacks (none on an up-to-date one)."""
-    config = alembic_config()
-    with engine.begin() as connection:
-        config.attributes["connection"] = connection
-        command.upgrade(config, "head")
+    migrations.upgrade_to_head(engine, alembic_config())

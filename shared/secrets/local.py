@@ -56,6 +56,7 @@ from conveyor.shared.secrets.base import (
     check_key_name,
     check_secret_path,
 )
+from conveyor.shared.storage.files import fsync_directory
 
 logger = logging.getLogger(__name__)
 
@@ -386,12 +387,4 @@ def _write_private_file(path: Path, data: bytes, *, replace: bool = True) -> Non
                 os.link(temporary, path)  # atomic create-if-absent
     finally:
         temporary.unlink(missing_ok=True)
-    _fsync_directory(path.parent)
-
-
-def _fsync_directory(path: Path) -> None:
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
+    fsync_directory(path.parent)

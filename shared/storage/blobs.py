@@ -23,6 +23,7 @@ from types import TracebackType
 from typing import cast
 
 from conveyor.shared.errors import InvalidArgumentError, NotFoundError
+from conveyor.shared.storage.files import fsync_directory
 
 SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 """A SHA-256 digest as the store names blobs: 64 lowercase hex characters."""
@@ -133,7 +134,7 @@ class BlobStore:
             return
         final.parent.mkdir(exist_ok=True)
         os.replace(temporary, final)
-        _fsync_directory(final.parent)
+        fsync_directory(final.parent)
 
 
 class BlobWriter:
@@ -237,11 +238,3 @@ def _process_alive(pid: int) -> bool:
     except PermissionError:  # alive, owned by another user
         return True
     return True
-
-
-def _fsync_directory(path: Path) -> None:
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)

@@ -11,6 +11,7 @@ connection = context.config.attributes["connection"]
 context.configure(
     connection=connection,
     target_metadata=metadata,
+    version_table=context.config.get_main_option("version_table") or "alembic_version",
     # SQLite cannot ALTER most things in place; batch mode copies the table.
     render_as_batch=connection.dialect.name == "sqlite",
 )

@@ -1,0 +1,28 @@
+"""Alembic migrations run by the services themselves at start-up."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy.engine import Engine
+
+
+def alembic_config(script_location: Path, version_table: str = "alembic_version") -> Config:
+    """An Alembic configuration for one service's migrations directory.
+
+    Each service keeps its own ``version_table`` so that services sharing one
+    database keep separate migration histories.
+    """
+    config = Config()
+    config.set_main_option("script_location", str(script_location))
+    config.set_main_option("version_table", version_table)
+    return config
+
+
+def upgrade_to_head(engine: Engine, config: Config) -> None:
+    """Apply every migration the database lacks (none on an up-to-date one)."""
+    with engine.begin() as connection:
+        config.attributes["connection"] = connection
+        command.upgrade(config, "head")
