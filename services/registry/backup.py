@@ -50,7 +50,7 @@ from conveyor.services.registry import schema
 from conveyor.services.registry.migrate import alembic_config
 from conveyor.services.registry.server import open_store
 from conveyor.services.registry.settings import RegistrySettings
-from conveyor.shared.errors import AlreadyExistsError, FailedPreconditionError
+from conveyor.shared.errors import AlreadyExistsError, FailedPreconditionError, NotFoundError
 from conveyor.shared.storage import BlobStore, create_engine, read_transaction, write_transaction
 from conveyor.shared.storage.blobs import SHA256_HEX
 from conveyor.shared.storage.database import sqlite_url
@@ -180,7 +180,8 @@ def backup_registry(settings: RegistrySettings, destination: Path) -> BackupMani
     staging.mkdir()
     engine = create_engine(url)
     try:
-        manifest = _write_backup(engine, settings.service_data_dir / "blobs", staging)
+        blobs = BlobStore(settings.service_data_dir / "blobs")
+        manifest = _write_backup(engine, blobs, staging)
         if destination.exists():
             destination.rmdir()
         os.rename(staging, destination)
@@ -280,19 +281,13 @@ def verify_backup(source: Path) -> BackupManifest:
 # -- taking a backup ----------------------------------------------------------
 
 
-def _write_backup(engine: Engine, blob_root: Path, staging: Path) -> BackupManifest:
+def _write_backup(engine: Engine, blobs: BlobStore, staging: Path) -> BackupManifest:
     created_at = datetime.now(UTC)
-    snapshot = engine
-    if engine.dialect.name == "postgresql":
-        # READ COMMITTED (the default) would give each SELECT its own snapshot.
-        snapshot = engine.execution_options(
-            isolation_level="REPEATABLE READ", postgresql_readonly=True
-        )
     (staging / "tables").mkdir()
     tables: list[TableFile] = []
     named: set[str] = set()
     head = _head_revision()
-    with read_transaction(snapshot) as db:
+    with read_transaction(engine) as db:  # one snapshot (REPEATABLE READ on PostgreSQL)
         revision = MigrationContext.configure(db).get_current_revision()
         if revision is None or revision != head:
             raise FailedPreconditionError(
@@ -304,9 +299,9 @@ def _write_backup(engine: Engine, blob_root: Path, staging: Path) -> BackupManif
         for table in schema.metadata.sorted_tables:
             tables.append(_write_table(db, table, _table_path(staging, table.name), named))
     fsync_directory(staging / "tables")
-    blobs = [_copy_blob(blob_root, staging, digest) for digest in sorted(named)]
-    if blobs:
-        for directory in {_blob_path(staging, b.sha256).parent for b in blobs}:
+    copied = [_copy_blob(blobs, staging, digest) for digest in sorted(named)]
+    if copied:
+        for directory in {_blob_path(staging, b.sha256).parent for b in copied}:
             fsync_directory(directory)
         fsync_directory(staging / "blobs" / "sha256")
         fsync_directory(staging / "blobs")
@@ -315,7 +310,7 @@ def _write_backup(engine: Engine, blob_root: Path, staging: Path) -> BackupManif
         alembic_revision=revision,
         source_dialect=engine.dialect.name,
         tables=tuple(tables),
-        blobs=tuple(blobs),
+        blobs=tuple(copied),
     )
     with (staging / MANIFEST).open("x") as file:
         json.dump(manifest.to_json(), file, indent=2)
@@ -349,20 +344,19 @@ def _write_table(db: Connection, table: Table, path: Path, named: set[str]) -> T
     return TableFile(table.name, rows, digest.hexdigest(), size)
 
 
-def _copy_blob(blob_root: Path, staging: Path, sha256: str) -> BlobEntry:
-    # The live store's layout (conveyor.shared.storage.BlobStore), read without
-    # opening a BlobStore: opening one sweeps the temporaries of uploads in flight.
-    live = blob_root / "sha256" / sha256[:2] / sha256
+def _copy_blob(blobs: BlobStore, staging: Path, sha256: str) -> BlobEntry:
+    try:
+        live = blobs.path(sha256)
+    except NotFoundError as error:
+        raise FailedPreconditionError(
+            f"blob {sha256} is referenced but missing from {blobs.root}",
+            reason="BLOB_MISSING",
+            metadata={"sha256": sha256},
+        ) from error
     target = _blob_path(staging, sha256)
     target.parent.mkdir(parents=True, exist_ok=True)
     try:
         os.link(live, target)  # blobs are immutable: sharing the inode is safe
-    except FileNotFoundError as error:
-        raise FailedPreconditionError(
-            f"blob {sha256} is referenced but missing from {blob_root}",
-            reason="BLOB_MISSING",
-            metadata={"sha256": sha256},
-        ) from error
     except OSError:  # another filesystem, or links not allowed: copy
         with live.open("rb") as reader, target.open("xb") as writer:
             shutil.copyfileobj(reader, writer, _COPY_BYTES)
@@ -371,7 +365,7 @@ def _copy_blob(blob_root: Path, staging: Path, sha256: str) -> BlobEntry:
     actual, size = _digest_file(target)
     if actual != sha256:
         raise FailedPreconditionError(
-            f"blob {sha256} in {blob_root} is corrupt (its bytes hash to {actual})",
+            f"blob {sha256} in {blobs.root} is corrupt (its bytes hash to {actual})",
             reason="BLOB_CORRUPT",
             metadata={"sha256": sha256},
         )
