@@ -11,9 +11,9 @@ or PostgreSQL, whichever the source was::
 
 :func:`backup_registry` reads every table inside one read transaction
 (REPEATABLE READ on PostgreSQL, a WAL snapshot on SQLite), so it sees one
-committed state while the registry keeps serving; it neither migrates the
-database nor opens the live blob store (whose start-up sweep would delete the
-temporary files of uploads in flight), it only reads. Blobs are immutable and
+committed state while the registry keeps serving; it does not migrate the
+database (the blob store's start-up sweep spares uploads of live processes).
+Blobs are immutable and
 never deleted while a registry serves, so they are copied after the snapshot
 ends, hard-linked when the backup is on the same filesystem. Everything is
 written into a hidden sibling directory that is renamed into place at the end:
