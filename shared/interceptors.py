@@ -10,6 +10,7 @@ the call's deadline for :mod:`conveyor.shared.deadlines`.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import uuid
@@ -23,6 +24,9 @@ from conveyor.shared.deadlines import serving_deadline
 from conveyor.shared.errors import ConveyorError, InternalError, status_trailing_metadata
 
 logger = logging.getLogger(__name__)
+
+UNREAD_REQUEST_LIMIT_BYTES = 16 * 1024 * 1024
+"""How much of a failed client stream is read and dropped before answering."""
 
 
 if TYPE_CHECKING:  # grpc-stubs makes these generic; at run time they are not
@@ -77,6 +81,33 @@ def _guard_unary(behavior: Callable[..., Any], method: str) -> Callable[..., Any
     return guarded
 
 
+def _guard_client_stream(behavior: Callable[..., Any], method: str) -> Callable[..., Any]:
+    """Like :func:`_guard_unary`, for handlers that read a request stream."""
+
+    async def guarded(requests: AsyncIterator[Any], context: Any) -> Any:
+        with serving_deadline(context.time_remaining()):
+            try:
+                return await behavior(requests, context)
+            except Exception as error:  # the one place that maps every error
+                # Ending the call while the client still sends makes grpc.aio
+                # clients report INTERNAL ("Internal error from Core") instead of
+                # this status: take in what is on its way (bounded) first.
+                await _discard(requests, limit_bytes=UNREAD_REQUEST_LIMIT_BYTES)
+                await _abort_for(error, context, method)
+                raise
+
+    return guarded
+
+
+async def _discard(requests: AsyncIterator[Any], *, limit_bytes: int) -> None:
+    received = 0
+    with contextlib.suppress(Exception):
+        async for request in requests:
+            received += request.ByteSize() if hasattr(request, "ByteSize") else len(request)
+            if received >= limit_bytes:
+                return
+
+
 def _guard_stream(behavior: Callable[..., Any], method: str) -> Callable[..., Any]:
     if not inspect.isasyncgenfunction(behavior):
         # A handler that writes with context.write() returns a coroutine.
@@ -98,7 +129,7 @@ def _guard_stream(behavior: Callable[..., Any], method: str) -> Callable[..., An
 
 _HANDLER_KINDS: tuple[tuple[str, Callable[..., Any], Callable[..., Any]], ...] = (
     ("unary_unary", grpc.unary_unary_rpc_method_handler, _guard_unary),
-    ("stream_unary", grpc.stream_unary_rpc_method_handler, _guard_unary),
+    ("stream_unary", grpc.stream_unary_rpc_method_handler, _guard_client_stream),
     ("unary_stream", grpc.unary_stream_rpc_method_handler, _guard_stream),
     ("stream_stream", grpc.stream_stream_rpc_method_handler, _guard_stream),
 )

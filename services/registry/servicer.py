@@ -8,7 +8,6 @@ and mapped to statuses by the shared interceptor.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any, Literal, Protocol
@@ -23,7 +22,6 @@ from conveyor.services.registry.watch import AliasWatchHub
 from conveyor.shared import names, pagination
 from conveyor.shared.auth import caller_principal
 from conveyor.shared.errors import (
-    ConveyorError,
     FailedPreconditionError,
     FieldViolation,
     InvalidArgumentError,
@@ -34,7 +32,6 @@ from conveyor.shared.storage.blobs import BlobInfo, DigestMismatchError
 from conveyor.shared.workers import WorkerThreads
 
 DOWNLOAD_CHUNK_BYTES = 1024 * 1024
-UNREAD_UPLOAD_LIMIT_BYTES = 16 * 1024 * 1024
 MAX_LINEAGE_DEPTH = 100
 ALL_MODELS = "models/-"
 
@@ -171,18 +168,6 @@ class RegistryServicer(registry_service_pb2_grpc.RegistryServiceServicer):
     # -- versions and artifacts ----------------------------------------------
 
     async def CreateModelVersion(
-        self, request_iterator: AsyncIterator[rpc.CreateModelVersionRequest], context: Any
-    ) -> Any:
-        try:
-            return await self._create_model_version(request_iterator, context)
-        except ConveyorError:
-            # Ending the call while the client still sends makes grpc.aio clients
-            # report INTERNAL ("Internal error from Core") instead of this status:
-            # take in what is already on its way (bounded) before answering.
-            await _discard(request_iterator, limit_bytes=UNREAD_UPLOAD_LIMIT_BYTES)
-            raise
-
-    async def _create_model_version(
         self, request_iterator: AsyncIterator[rpc.CreateModelVersionRequest], context: Any
     ) -> Any:
         first = await anext(aiter(request_iterator), None)
@@ -549,17 +534,6 @@ class RegistryServicer(registry_service_pb2_grpc.RegistryServiceServicer):
         return rpc.GetLineageResponse(
             model_version=start, ancestors=ancestors, descendants=descendants, edges=edges
         )
-
-
-async def _discard(
-    requests: AsyncIterator[rpc.CreateModelVersionRequest], *, limit_bytes: int
-) -> None:
-    received = 0
-    with contextlib.suppress(Exception):
-        async for request in requests:
-            received += request.ByteSize()
-            if received >= limit_bytes:
-                return
 
 
 def _invalid(field: str, description: str) -> InvalidArgumentError:
