@@ -20,7 +20,7 @@ import inspect
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 import pydantic
@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 REGISTRY_SERVICE = registry_service_pb2.DESCRIPTOR.services_by_name["RegistryService"]
 BACKUP_MODULE = "conveyor.services.registry.backup"
 PAGE_SIZE = 500
+T = TypeVar("T")
 
 
 class CommandError(Exception):
@@ -107,9 +108,8 @@ def run(command: Command, args: argparse.Namespace) -> int:
 
 async def models_list(session: Session, args: argparse.Namespace) -> int:
     """``conveyor models list``: every model, page after page."""
-    models: list[pb.Model] = []
-    token = ""
-    while True:
+
+    async def page(token: str) -> tuple[list[pb.Model], str]:
         request = rpc.ListModelsRequest(
             page_size=PAGE_SIZE,
             page_token=token,
@@ -117,9 +117,9 @@ async def models_list(session: Session, args: argparse.Namespace) -> int:
             show_archived=args.archived,
         )
         reply = await session.registry.ListModels(request, timeout=session.timeout)
-        models.extend(reply.models)
-        if not (token := reply.next_page_token):
-            break
+        return list(reply.models), reply.next_page_token
+
+    models = await every_page(page)
     if args.json:
         out.print_json({"models": [out.message_dict(m) for m in models]})
     elif models:
@@ -150,9 +150,8 @@ async def models_show(session: Session, args: argparse.Namespace) -> int:
 
 async def models_versions(session: Session, args: argparse.Namespace) -> int:
     """``conveyor models versions``: a model's versions, newest first by default."""
-    versions: list[pb.ModelVersion] = []
-    token = ""
-    while True:
+
+    async def page(token: str) -> tuple[list[pb.ModelVersion], str]:
         request = rpc.ListModelVersionsRequest(
             parent=model_name(args.model),
             page_size=PAGE_SIZE,
@@ -162,9 +161,9 @@ async def models_versions(session: Session, args: argparse.Namespace) -> int:
             show_archived=args.archived,
         )
         reply = await session.registry.ListModelVersions(request, timeout=session.timeout)
-        versions.extend(reply.model_versions)
-        if not (token := reply.next_page_token):
-            break
+        return list(reply.model_versions), reply.next_page_token
+
+    versions = await every_page(page)
     if args.json:
         out.print_json({"model_versions": [out.message_dict(v) for v in versions]})
     elif versions:
@@ -239,16 +238,26 @@ async def alias_list(session: Session, args: argparse.Namespace) -> int:
 
 async def list_aliases(session: Session, model: str) -> list[pb.Alias]:
     """Every alias of ``model``, page after page."""
-    aliases: list[pb.Alias] = []
-    token = ""
-    while True:
+
+    async def page(token: str) -> tuple[list[pb.Alias], str]:
         reply = await session.registry.ListAliases(
             rpc.ListAliasesRequest(parent=model, page_size=PAGE_SIZE, page_token=token),
             timeout=session.timeout,
         )
-        aliases.extend(reply.aliases)
-        if not (token := reply.next_page_token):
-            return aliases
+        return list(reply.aliases), reply.next_page_token
+
+    return await every_page(page)
+
+
+async def every_page(fetch: Callable[[str], Awaitable[tuple[list[T], str]]]) -> list[T]:
+    """Everything a List method returns, following ``next_page_token`` to the end."""
+    items: list[T] = []
+    token = ""
+    while True:
+        page, token = await fetch(token)
+        items.extend(page)
+        if not token:
+            return items
 
 
 # -- backup and restore ------------------------------------------------------

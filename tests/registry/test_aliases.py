@@ -19,30 +19,13 @@ from conveyor.registry.v1 import resources_pb2 as pb
 from conveyor.services.registry import schema
 from conveyor.services.registry.server import build_server
 from conveyor.services.registry.settings import RegistrySettings
-from conveyor.shared.errors import ConveyorError, FailedPreconditionError, from_rpc_error
-from tests.support.registry import create_model, create_version, download
+from conveyor.shared.errors import FailedPreconditionError
+from tests.support.registry import create_model, create_version, download, refused, set_alias
 
 if TYPE_CHECKING:
     Registry = registry_service_pb2_grpc.RegistryServiceAsyncStub
 
 ANONYMOUS = "user:anonymous"
-
-
-async def refused(call: object, code: grpc.StatusCode) -> ConveyorError:
-    """The error a call fails with, after checking its status code."""
-    with pytest.raises(grpc.aio.AioRpcError) as raised:
-        await call  # type: ignore[misc]
-    assert raised.value.code() == code, raised.value.details()
-    return from_rpc_error(raised.value)
-
-
-async def set_alias(
-    registry: Registry, name: str, version: str, reason: str = "test", expected: str = ""
-) -> pb.Alias:
-    request = rpc.SetAliasRequest(
-        name=name, version=version, reason=reason, expected_version=expected
-    )
-    return (await registry.SetAlias(request, timeout=10)).alias
 
 
 async def all_aliases(registry: Registry, parent: str = "models/-") -> dict[str, str]:

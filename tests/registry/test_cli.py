@@ -54,6 +54,22 @@ async def conveyor(
     return Result(code, captured.out, captured.err)
 
 
+async def create_churn(capsys: pytest.CaptureFixture[str], server: ConveyorServer) -> None:
+    """``conveyor models create churn`` (the model most tests start from)."""
+    result = await conveyor(
+        capsys,
+        "models",
+        "create",
+        "churn",
+        "--owner-team",
+        "t",
+        "--risk-tier",
+        "low",
+        server=server,
+    )
+    assert result.code == 0, result.err
+
+
 def artifact(size: int, seed: int) -> bytes:
     return random.Random(seed).randbytes(size)
 
@@ -171,17 +187,7 @@ async def test_a_model_goes_from_upload_to_download(
 async def test_download_resumes_from_a_truncated_partial_file(
     server: ConveyorServer, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
-    await conveyor(
-        capsys,
-        "models",
-        "create",
-        "churn",
-        "--owner-team",
-        "t",
-        "--risk-tier",
-        "low",
-        server=server,
-    )
+    await create_churn(capsys, server)
     data = artifact(2 * MIB + 5, seed=2)
     source = tmp_path / "model.onnx"
     source.write_bytes(data)
@@ -204,17 +210,7 @@ async def test_download_resumes_from_a_truncated_partial_file(
 async def test_resume_continues_the_version_the_partial_file_belongs_to(
     server: ConveyorServer, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
-    await conveyor(
-        capsys,
-        "models",
-        "create",
-        "churn",
-        "--owner-team",
-        "t",
-        "--risk-tier",
-        "low",
-        server=server,
-    )
+    await create_churn(capsys, server)
     first, second = artifact(MIB + 1, seed=3), artifact(MIB + 1, seed=4)
     for i, data in enumerate((first, second)):
         (tmp_path / f"v{i}").write_bytes(data)
@@ -255,17 +251,7 @@ async def test_resume_continues_the_version_the_partial_file_belongs_to(
 async def test_resume_refuses_a_partial_file_of_other_bytes(
     server: ConveyorServer, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
-    await conveyor(
-        capsys,
-        "models",
-        "create",
-        "churn",
-        "--owner-team",
-        "t",
-        "--risk-tier",
-        "low",
-        server=server,
-    )
+    await create_churn(capsys, server)
     data = artifact(MIB, seed=5)
     (tmp_path / "model.onnx").write_bytes(data)
     await upload(capsys, server, tmp_path / "model.onnx")
@@ -328,17 +314,7 @@ async def test_an_unknown_model_is_not_found_without_a_traceback(
 async def test_bad_input_prints_the_field_violations(
     server: ConveyorServer, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
-    await conveyor(
-        capsys,
-        "models",
-        "create",
-        "churn",
-        "--owner-team",
-        "t",
-        "--risk-tier",
-        "low",
-        server=server,
-    )
+    await create_churn(capsys, server)
     (tmp_path / "model.onnx").write_bytes(b"onnx")
     result = await conveyor(
         capsys,
@@ -373,17 +349,7 @@ async def test_bad_input_prints_the_field_violations(
 async def test_alias_compare_and_set_and_delete(
     server: ConveyorServer, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
-    await conveyor(
-        capsys,
-        "models",
-        "create",
-        "churn",
-        "--owner-team",
-        "t",
-        "--risk-tier",
-        "low",
-        server=server,
-    )
+    await create_churn(capsys, server)
     (tmp_path / "model.onnx").write_bytes(b"onnx-bytes")
     await upload(capsys, server, tmp_path / "model.onnx")
     await upload(capsys, server, tmp_path / "model.onnx")
@@ -472,17 +438,7 @@ async def test_backup_and_restore_serve_the_same_bytes(
     server: ConveyorServer, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
     pytest.importorskip("conveyor.services.registry.backup")
-    await conveyor(
-        capsys,
-        "models",
-        "create",
-        "churn",
-        "--owner-team",
-        "t",
-        "--risk-tier",
-        "low",
-        server=server,
-    )
+    await create_churn(capsys, server)
     data = artifact(MIB + 3, seed=6)
     (tmp_path / "model.onnx").write_bytes(data)
     await upload(capsys, server, tmp_path / "model.onnx")

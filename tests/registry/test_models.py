@@ -12,17 +12,10 @@ from conveyor.registry.v1 import registry_messages_pb2 as rpc
 from conveyor.registry.v1 import registry_service_pb2_grpc
 from conveyor.registry.v1 import resources_pb2 as pb
 from conveyor.shared.errors import from_rpc_error
-from tests.support.registry import a_model, create_model, create_version
+from tests.support.registry import a_model, create_model, create_version, expect_error
 
 if TYPE_CHECKING:
     Registry = registry_service_pb2_grpc.RegistryServiceAsyncStub
-
-
-async def expect_error(call: object, code: grpc.StatusCode) -> grpc.aio.AioRpcError:
-    with pytest.raises(grpc.aio.AioRpcError) as raised:
-        await call  # type: ignore[misc]
-    assert raised.value.code() == code, raised.value.details()
-    return raised.value
 
 
 async def list_all(registry: Registry, **fields: object) -> list[str]:

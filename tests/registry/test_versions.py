@@ -18,12 +18,12 @@ from conveyor.registry.v1 import registry_service_pb2_grpc
 from conveyor.registry.v1 import resources_pb2 as pb
 from conveyor.services.registry.settings import RegistrySettings
 from conveyor.shared.errors import from_rpc_error
-from tests.registry.test_models import expect_error
 from tests.support.registry import (
     a_version,
     create_model,
     create_version,
     download,
+    expect_error,
     upload_requests,
 )
 

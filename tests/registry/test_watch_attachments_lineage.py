@@ -18,7 +18,14 @@ from conveyor.services.registry.server import build_server
 from conveyor.services.registry.settings import RegistrySettings
 from conveyor.shared.errors import ConveyorError, InvalidArgumentError, from_rpc_error
 from conveyor.shared.server import ConveyorServer
-from tests.support.registry import a_version, create_model, create_version, upload_requests
+from tests.support.registry import (
+    a_version,
+    create_model,
+    create_version,
+    refused,
+    set_alias,
+    upload_requests,
+)
 
 if TYPE_CHECKING:
     Registry = registry_service_pb2_grpc.RegistryServiceAsyncStub
@@ -31,14 +38,6 @@ SET = pb.ALIAS_EVENT_TYPE_SET
 DELETED = pb.ALIAS_EVENT_TYPE_DELETED
 
 
-async def refused(call: object, code: grpc.StatusCode) -> ConveyorError:
-    """The error a call fails with, after checking its status code."""
-    with pytest.raises(grpc.aio.AioRpcError) as raised:
-        await call  # type: ignore[misc]
-    assert raised.value.code() == code, raised.value.details()
-    return from_rpc_error(raised.value)
-
-
 def violated_fields(error: ConveyorError) -> set[str]:
     assert isinstance(error, InvalidArgumentError)
     return {v.field for v in error.violations}
@@ -49,11 +48,6 @@ async def other_client(registry_server: ConveyorServer) -> AsyncIterator[Registr
     """A second client of the same registry (the one that moves aliases)."""
     async with grpc.aio.insecure_channel(f"127.0.0.1:{registry_server.port}") as channel:
         yield registry_service_pb2_grpc.RegistryServiceStub(channel)
-
-
-async def set_alias(registry: Registry, name: str, version: str) -> pb.Alias:
-    request = rpc.SetAliasRequest(name=name, version=version, reason="test")
-    return (await registry.SetAlias(request, timeout=10)).alias
 
 
 async def delete_alias(registry: Registry, name: str) -> pb.Alias:

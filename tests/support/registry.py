@@ -5,9 +5,13 @@ from __future__ import annotations
 import hashlib
 from collections.abc import AsyncIterator
 
+import grpc
+import pytest
+
 from conveyor.registry.v1 import registry_messages_pb2 as rpc
 from conveyor.registry.v1 import registry_service_pb2_grpc
 from conveyor.registry.v1 import resources_pb2 as pb
+from conveyor.shared.errors import ConveyorError, from_rpc_error
 
 CHUNK = 1024 * 1024
 
@@ -87,3 +91,29 @@ async def download(
         )
     ]
     return messages, b"".join(m.data for m in messages)
+
+
+async def expect_error(call: object, code: grpc.StatusCode) -> grpc.aio.AioRpcError:
+    """The failed call, after checking its status code."""
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await call  # type: ignore[misc]
+    assert raised.value.code() == code, raised.value.details()
+    return raised.value
+
+
+async def refused(call: object, code: grpc.StatusCode) -> ConveyorError:
+    """The error a call fails with (reason, violations), after checking its code."""
+    return from_rpc_error(await expect_error(call, code))
+
+
+async def set_alias(
+    registry: registry_service_pb2_grpc.RegistryServiceAsyncStub,
+    name: str,
+    version: str,
+    reason: str = "test",
+    expected: str = "",
+) -> pb.Alias:
+    request = rpc.SetAliasRequest(
+        name=name, version=version, reason=reason, expected_version=expected
+    )
+    return (await registry.SetAlias(request, timeout=10)).alias
