@@ -25,11 +25,11 @@ from functools import partial
 from pathlib import Path
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from conveyor.services import catalog
 from conveyor.services.registry import cli as registry_cli
 from conveyor.services.registry import cli_transfer as transfer
+from conveyor.shared.health import ServerExitedError, serving_status, wait_until_serving
 from conveyor.shared.ports import default_address
 from conveyor.shared.settings import TelemetrySettings
 from conveyor.shared.telemetry import (
@@ -233,17 +233,13 @@ def _seconds(text: str) -> float:
 
 
 def _health(address: str, *, service: str) -> int:
-    with grpc.insecure_channel(address) as channel:
-        try:
-            reply = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service=service), timeout=5
-            )
-        except grpc.RpcError as error:
-            print(f"{address}: {error.code().name} {error.details()}", file=sys.stderr)
-            return 1
-    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    try:
+        status = serving_status(address, service=service)
+    except grpc.RpcError as error:
+        print(f"{address}: {error.code().name} {error.details()}", file=sys.stderr)
+        return 1
     print(f"{address}: {status}")
-    return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
+    return 0 if status == "SERVING" else 1
 
 
 def _serve(name: str, *, listen: str | None, data_dir: Path | None) -> int:
@@ -337,19 +333,12 @@ def _up(*, data_dir: Path, host: str) -> int:
 
 
 def _wait_until_serving(name: str, address: str, child: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    with grpc.insecure_channel(address) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            if child.poll() is not None:
-                raise SystemExit(f"conveyor up: {name} exited with {child.returncode} at start")
-            try:
-                reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                time.sleep(0.2)
-    raise SystemExit(f"conveyor up: {name} did not become healthy on {address}")
+    try:
+        wait_until_serving(address, process=child, timeout_s=STARTUP_TIMEOUT_S)
+    except ServerExitedError:
+        raise SystemExit(f"conveyor up: {name} exited with {child.returncode} at start") from None
+    except TimeoutError:
+        raise SystemExit(f"conveyor up: {name} did not become healthy on {address}") from None
 
 
 def _stop_all(children: dict[str, subprocess.Popen[bytes]]) -> None:

@@ -43,10 +43,10 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from conveyor.registry.v1 import registry_messages_pb2 as rpc
 from conveyor.registry.v1 import registry_service_pb2_grpc
+from conveyor.shared.health import ServerExitedError, wait_until_serving
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 if str(REPO_ROOT) not in sys.path:  # the test support package lives at the repository root
@@ -416,20 +416,10 @@ def registry_process(
 
 
 def _wait_until_serving(address: str, process: subprocess.Popen[bytes], log: Path) -> None:
-    deadline = time.monotonic() + START_TIMEOUT_S
-    with grpc.insecure_channel(address) as channel:
-        health = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                raise RuntimeError(f"the registry exited at start-up:\n{log.read_text()}")
-            try:
-                reply = health.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            time.sleep(0.1)
-    raise RuntimeError(f"the registry was not SERVING on {address} after {START_TIMEOUT_S} s")
+    try:
+        wait_until_serving(address, process=process, timeout_s=START_TIMEOUT_S)
+    except (ServerExitedError, TimeoutError) as error:
+        raise RuntimeError(f"{error}:\n{log.read_text()}") from error
 
 
 @contextlib.contextmanager

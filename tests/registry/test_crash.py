@@ -15,7 +15,6 @@ import socket
 import sqlite3
 import subprocess
 import sys
-import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -23,12 +22,12 @@ from typing import TYPE_CHECKING
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from conveyor.registry.v1 import registry_messages_pb2 as rpc
 from conveyor.registry.v1 import registry_service_pb2_grpc
 from conveyor.services.registry.server import build_server
 from conveyor.services.registry.settings import RegistrySettings
+from conveyor.shared.health import ServerExitedError, wait_until_serving
 from tests.support.registry import CHUNK, a_version, create_model, create_version, download
 
 if TYPE_CHECKING:
@@ -70,19 +69,11 @@ class RegistryProcesses:
                 env={**os.environ, "PYTHONUNBUFFERED": "1"},
             )
         self._children.append(child)
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        with grpc.insecure_channel(address) as channel:
-            health = health_pb2_grpc.HealthStub(channel)
-            while time.monotonic() < deadline:
-                if child.poll() is not None:
-                    raise AssertionError(f"the registry exited: {log.read_text()[-4000:]}")
-                try:
-                    reply = health.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                        return child, address
-                except grpc.RpcError:
-                    time.sleep(0.1)
-        raise AssertionError(f"the registry did not become healthy: {log.read_text()[-4000:]}")
+        try:
+            wait_until_serving(address, process=child, timeout_s=STARTUP_TIMEOUT_S)
+        except (ServerExitedError, TimeoutError) as error:
+            raise AssertionError(f"{error}: {log.read_text()[-4000:]}") from error
+        return child, address
 
     def stop_all(self) -> None:
         for child in self._children:
