@@ -18,7 +18,3 @@ def default_address(service: str, host: str = "127.0.0.1") -> str:
     """``host:port`` of ``service`` at its default port."""
     return f"{host}:{SERVICE_PORTS[service]}"
 
-
-def metrics_port(service: str) -> int:
-    """The service's Prometheus port: 9100 plus the last digit of its gRPC port."""
-    return 9100 + SERVICE_PORTS[service] % 10
