@@ -17,4 +17,3 @@ SERVICE_PORTS: dict[str, int] = {
 def default_address(service: str, host: str = "127.0.0.1") -> str:
     """``host:port`` of ``service`` at its default port."""
     return f"{host}:{SERVICE_PORTS[service]}"
-
