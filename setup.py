@@ -2,7 +2,8 @@
 
 ``protos/conveyor`` (contracts and their generated code) is ``conveyor``,
 ``shared/`` is ``conveyor.shared`` and ``services/`` is ``conveyor.services``, so
-nothing called ``shared`` or ``services`` lands in site-packages.
+nothing called ``shared`` or ``services`` lands in site-packages. ``policies/``
+(the default Cedar policy set) ships as the data package ``conveyor.policies``.
 """
 
 from pathlib import Path
@@ -13,6 +14,7 @@ PACKAGE_ROOTS = {
     "conveyor": "protos/conveyor",
     "conveyor.shared": "shared",
     "conveyor.services": "services",
+    "conveyor.policies": "policies",
 }
 
 

@@ -3,23 +3,26 @@
 This module needs only grpcio and protobuf (OpenTelemetry is used when it is
 installed), so backends get it with the light client.
 
-- **Deadlines**: a call that names no timeout gets ``default_timeout``; a call
-  made while serving another is capped at what remains of that call's deadline
-  (:mod:`conveyor.shared.deadlines`).
+- **Deadlines**: a unary call that names no timeout gets ``default_timeout``; a
+  unary call made while serving another is capped at what remains of that call's
+  deadline (:mod:`conveyor.shared.deadlines`). Streaming calls (watches,
+  transfers) run until the timeout they name.
 - **Retries**: methods that the contracts mark ``idempotency_level =
   NO_SIDE_EFFECTS`` or ``IDEMPOTENT`` are retried on UNAVAILABLE with backoff,
   through gRPC's own retry service config.
 - **TLS / mTLS** when a CA (and optionally a client certificate) is given.
-- **Bearer token** in the ``authorization`` metadata when one is given.
+- **Bearer token** in the ``authorization`` metadata when one is given: a fixed
+  ``bearer_token``, or a ``token_provider`` asked on every call (a service's own
+  short-lived tokens, renewed before they expire).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from google.protobuf import descriptor_pb2
@@ -51,6 +54,7 @@ def create_channel(
     default_timeout: timedelta | None = timedelta(seconds=30),
     tls: ClientTLS | None = None,
     bearer_token: str | None = None,
+    token_provider: Callable[[], str] | None = None,
     max_message_bytes: int = 16 * MIB,
     tracing: bool = True,
     interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
@@ -58,19 +62,23 @@ def create_channel(
     """An asyncio channel to ``target`` (``host:port``).
 
     ``services`` are the descriptors of the services called over it; their
-    idempotent methods get the retry policy.
+    idempotent methods get the retry policy. ``bearer_token`` or
+    ``token_provider`` (called for each call; not both) sets the
+    ``authorization`` metadata.
     """
+    if bearer_token is not None and token_provider is not None:
+        raise ValueError("pass bearer_token or token_provider, not both")
     options: list[tuple[str, Any]] = [
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.enable_retries", 1),
         ("grpc.service_config", retry_service_config(services)),
     ]
-    call_details = CallDetailsInterceptor(
+    chain = call_details_interceptors(
         default_timeout=None if default_timeout is None else default_timeout.total_seconds(),
         bearer_token=bearer_token,
+        token_provider=token_provider,
     )
-    chain: list[grpc.aio.ClientInterceptor] = [cast(grpc.aio.ClientInterceptor, call_details)]
     if tracing:
         chain.extend(_tracing_interceptors())
     chain.extend(interceptors)
@@ -124,38 +132,110 @@ else:
     _StreamStream = grpc.aio.StreamStreamClientInterceptor
 
 
-class CallDetailsInterceptor(_UnaryUnary, _UnaryStream, _StreamUnary, _StreamStream):
-    """Sets each call's timeout (default, capped by the served deadline) and token."""
+def call_details_interceptors(
+    *,
+    default_timeout: float | None,
+    bearer_token: str | None = None,
+    token_provider: Callable[[], str] | None = None,
+) -> list[grpc.aio.ClientInterceptor]:
+    """One interceptor per call kind, sharing a :class:`CallDetails`.
 
-    def __init__(self, *, default_timeout: float | None, bearer_token: str | None) -> None:
+    One object per kind, because ``grpc.aio`` files an interceptor under the
+    first call kind it implements only: an object implementing all four would
+    never see a streaming call (which then went without its token).
+    """
+    call = CallDetails(
+        default_timeout=default_timeout,
+        bearer_token=bearer_token,
+        token_provider=token_provider,
+    )
+    interceptors: list[Any] = [
+        _UnaryUnaryDetails(call),
+        _UnaryStreamDetails(call),
+        _StreamUnaryDetails(call),
+        _StreamStreamDetails(call),
+    ]
+    return interceptors
+
+
+class CallDetails:
+    """What every call gets: its token, and for unary calls a timeout (the default,
+    capped by the deadline of the call being served)."""
+
+    def __init__(
+        self,
+        *,
+        default_timeout: float | None,
+        bearer_token: str | None = None,
+        token_provider: Callable[[], str] | None = None,
+    ) -> None:
         self._default_timeout = default_timeout
         self._auth = (("authorization", f"Bearer {bearer_token}"),) if bearer_token else ()
+        self._token_provider = token_provider
 
-    def _details(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
-        metadata = grpc.aio.Metadata(*(details.metadata or ()), *self._auth)
+    def __repr__(self) -> str:  # never show the token
+        return f"CallDetails(default_timeout={self._default_timeout!r})"
+
+    def _authorization(self) -> tuple[tuple[str, str], ...]:
+        if self._token_provider is None:
+            return self._auth
+        return (("authorization", f"Bearer {self._token_provider()}"),)
+
+    def unary(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
+        """``details`` with the token and the effective timeout."""
+        return self._with(details, effective_timeout(details.timeout, self._default_timeout))
+
+    def streaming(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
+        """``details`` with the token; the timeout stays the caller's."""
+        return self._with(details, details.timeout)
+
+    def _with(
+        self, details: grpc.aio.ClientCallDetails, timeout: float | None
+    ) -> grpc.aio.ClientCallDetails:
+        metadata = grpc.aio.Metadata(*(details.metadata or ()), *self._authorization())
         return grpc.aio.ClientCallDetails(
             method=details.method,
-            timeout=effective_timeout(details.timeout, self._default_timeout),
+            timeout=timeout,
             metadata=metadata,
             credentials=details.credentials,
             wait_for_ready=details.wait_for_ready,
         )
 
+
+class _UnaryUnaryDetails(_UnaryUnary):
+    def __init__(self, call: CallDetails) -> None:
+        self._call = call
+
     async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
-        return await continuation(self._details(details), request)
+        return await continuation(self._call.unary(details), request)
+
+
+class _UnaryStreamDetails(_UnaryStream):
+    def __init__(self, call: CallDetails) -> None:
+        self._call = call
 
     async def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
-        return await continuation(self._details(details), request)
+        return await continuation(self._call.streaming(details), request)
+
+
+class _StreamUnaryDetails(_StreamUnary):
+    def __init__(self, call: CallDetails) -> None:
+        self._call = call
 
     async def intercept_stream_unary(
         self, continuation: Any, details: Any, request_iterator: Any
     ) -> Any:
-        return await continuation(self._details(details), request_iterator)
+        return await continuation(self._call.streaming(details), request_iterator)
+
+
+class _StreamStreamDetails(_StreamStream):
+    def __init__(self, call: CallDetails) -> None:
+        self._call = call
 
     async def intercept_stream_stream(
         self, continuation: Any, details: Any, request_iterator: Any
     ) -> Any:
-        return await continuation(self._details(details), request_iterator)
+        return await continuation(self._call.streaming(details), request_iterator)
 
 
 def _tracing_interceptors() -> list[grpc.aio.ClientInterceptor]:

@@ -11,14 +11,17 @@ googleapis-common-protos only) and calls::
 
 Every call gets a deadline (``default_timeout`` unless the call names one),
 idempotent calls are retried on UNAVAILABLE, and TLS and a bearer token are used
-when given. A failed call raises ``grpc.aio.AioRpcError``;
+when given: a fixed ``bearer_token``, or a ``token_provider`` asked on every call
+(the same token goes to every service, so it must name each one's audience; a
+Conveyor service gives each peer channel its own provider instead). A failed call
+raises ``grpc.aio.AioRpcError``;
 :func:`conveyor.shared.errors.from_rpc_error` turns it into the matching
 :class:`~conveyor.shared.errors.ConveyorError` with its reason and field violations.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import timedelta
 from types import TracebackType
 
@@ -66,6 +69,7 @@ class ConveyorClient:
         addresses: Mapping[str, str] | None = None,
         tls: ClientTLS | None = None,
         bearer_token: str | None = None,
+        token_provider: Callable[[], str] | None = None,
         default_timeout: timedelta = timedelta(seconds=30),
     ) -> None:
         unknown = set(addresses or {}) - set(DEFAULT_ADDRESSES)
@@ -73,7 +77,10 @@ class ConveyorClient:
             raise ValueError(f"unknown services: {sorted(unknown)}")
         self.addresses = {**DEFAULT_ADDRESSES, **(addresses or {})}
         self._tls = tls
+        if bearer_token is not None and token_provider is not None:
+            raise ValueError("pass bearer_token or token_provider, not both")
         self._bearer_token = bearer_token
+        self._token_provider = token_provider
         self._default_timeout = default_timeout
         self._channels: dict[str, grpc.aio.Channel] = {}
 
@@ -93,6 +100,7 @@ class ConveyorClient:
                 default_timeout=self._default_timeout,
                 tls=self._tls,
                 bearer_token=self._bearer_token,
+                token_provider=self._token_provider,
             )
         return self._channels[address]
 

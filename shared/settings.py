@@ -17,11 +17,14 @@ from datetime import timedelta
 from pathlib import Path
 from typing import ClassVar
 
-from pydantic import AliasChoices, Field, field_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from conveyor.shared.auth.settings import AuthSettings
 from conveyor.shared.channel import ClientTLS
 from conveyor.shared.ports import default_address
+from conveyor.shared.secrets.base import SecretStore
+from conveyor.shared.secrets.settings import SecretStoreSettings, open_secret_store
 
 MIB = 1024 * 1024
 
@@ -72,6 +75,13 @@ class ServiceSettings(BaseSettings):
     log_json: bool = True
     """Emit one JSON object per log line (with the trace id); off for human reading."""
 
+    auth: AuthSettings = Field(default_factory=AuthSettings)
+    """Authentication and authorization of callers (``CONVEYOR_AUTH_*``)."""
+
+    secrets: SecretStoreSettings = Field(default_factory=SecretStoreSettings)
+    """The secret store holding this service's keys and the token keys
+    (``CONVEYOR_SECRETS_*``)."""
+
     @field_validator("listen")
     @classmethod
     def _check_listen(cls, value: str) -> str:
@@ -88,6 +98,11 @@ class ServiceSettings(BaseSettings):
     @property
     def tls_enabled(self) -> bool:
         return self.tls_cert_file is not None and self.tls_key_file is not None
+
+    def open_secret_store(self) -> SecretStore:
+        """The configured secret store (the local one defaults to ``<data_dir>/secrets``,
+        shared by the suite's services)."""
+        return open_secret_store(self.secrets, self.data_dir)
 
 
 class TelemetrySettings(BaseSettings):
@@ -151,11 +166,23 @@ class ClientSettings(BaseSettings):
     """Private key of ``cert_file``."""
     default_timeout: timedelta = timedelta(seconds=30)
     """Deadline for a call that names none."""
+    token_file: Path | None = None
+    """A file holding the bearer token to send (``CONVEYOR_TOKEN_FILE``); ``conveyor
+    up`` writes one per local user. Preferred to ``token``: a file can be 0600, an
+    environment variable is seen by every child process."""
+    token: SecretStr | None = None
+    """The bearer token itself (``CONVEYOR_TOKEN``), when there is no file."""
 
     def address_of(self, service_name: str) -> str:
         """The configured address of a peer service."""
         value: str = getattr(self, f"{service_name}_addr")
         return value
+
+    def bearer_token(self) -> str | None:
+        """The bearer token to send: ``token_file``'s content, else ``token``, else None."""
+        if self.token_file is not None:
+            return self.token_file.read_text(encoding="ascii").strip() or None
+        return self.token.get_secret_value() if self.token is not None else None
 
     def tls(self) -> ClientTLS | None:
         """TLS material for channels to peers, or None for plaintext."""

@@ -913,6 +913,34 @@ class AuditLog:
                 yield _record(row, signatures)
             after = int(rows[-1].sequence)
 
+    def verify_range(self, start_sequence: int, end_sequence: int = 0) -> VerificationResult:
+        """Check entries ``start_sequence``..``end_sequence`` (0: the head), starting
+        from the first entry's recorded ``previous_hash``; the whole log (with the
+        head row and truncation checks) when the range starts at the beginning and
+        runs to the head."""
+        if start_sequence <= 1 and end_sequence == 0:
+            return self.verify()
+        start = max(start_sequence, 1)
+        with read_transaction(self.engine) as connection:
+            head_sequence, head_hash = _head(connection)
+        records = list(self.export(start, end_sequence))
+        checker = _ChainChecker(
+            store_verifier(self.secret_store, self.signing_key),
+            expected_sequence=start,
+            expected_previous=records[0].previous_hash if records else GENESIS_HASH,
+        )
+        for record in records:
+            if not checker.check(record.sequence, record):
+                break
+        end = min(end_sequence or head_sequence, head_sequence)
+        if checker.failure is None and checker.expected_sequence <= end:
+            checker.fail(
+                checker.expected_sequence,
+                "truncated",
+                f"entries {checker.expected_sequence}..{end} are gone",
+            )
+        return checker.result(head_sequence, head_hash)
+
     def verify(self) -> VerificationResult:
         """Check the whole log from its first entry, in one consistent snapshot:
         every hash, the order, no gaps, the stored columns against the hashed

@@ -32,11 +32,15 @@ import hashlib
 import json
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
 import cedarpy
+
+# Principal and Resource are shared with every service's interceptor; re-exported here.
+from conveyor.shared.auth.principal import Principal as Principal
+from conveyor.shared.auth.principal import Resource as Resource
 
 SCHEMA_FILES: Final = ("schema.cedarschema", "schema.cedarschema.json")
 """The schema file names :meth:`PolicyEngine.load` looks for, in this order."""
@@ -58,31 +62,6 @@ class PolicyLoadError(Exception):
         super().__init__(f"{path}: {problem}")
         self.path = path
         self.problem = problem
-
-
-@dataclass(frozen=True)
-class Principal:
-    """Who asks: a person (``user``) or a service identity (``service``)."""
-
-    kind: str
-    id: str
-    roles: tuple[str, ...] = ()
-    team: str = ""
-
-    @property
-    def text(self) -> str:
-        """The text form, ``{kind}:{id}``, for example ``user:alice``."""
-        return f"{self.kind}:{self.id}"
-
-
-@dataclass(frozen=True)
-class Resource:
-    """What is acted on; ``type`` is ``{service}.conveyor.dev/{Kind}``."""
-
-    type: str
-    name: str = ""
-    owner_team: str = ""
-    attributes: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ from sqlalchemy.exc import IntegrityError
 from conveyor.registry.v1 import resources_pb2 as pb
 from conveyor.services.registry import schema
 from conveyor.shared import names
+from conveyor.shared.artifacts import signature_proto
 from conveyor.shared.errors import (
     AbortedError,
     AlreadyExistsError,
@@ -28,6 +29,7 @@ from conveyor.shared.errors import (
     NotFoundError,
 )
 from conveyor.shared.filtering import Restriction, matches
+from conveyor.shared.secrets import ArtifactSignatureValue, SignatureAlgorithm
 
 T = TypeVar("T")
 
@@ -315,6 +317,13 @@ def version_from_row(row: Row[Any], aliases: list[str], view: int) -> pb.ModelVe
     version.create_time.CopyFrom(timestamp(row.create_time))
     version.update_time.CopyFrom(timestamp(row.update_time))
     version.etag = row.etag
+    if row.signature is not None:  # NULL: registered before the registry signed
+        value = ArtifactSignatureValue(
+            algorithm=SignatureAlgorithm(row.signature_algorithm),
+            key_id=row.signature_key_id,
+            signature=row.signature,
+        )
+        version.artifact.signature.CopyFrom(signature_proto(value, row.sign_time))
     if view == pb.MODEL_VERSION_VIEW_BASIC:
         version.ClearField("model_card")
         version.ClearField("reference_statistics")

@@ -52,6 +52,13 @@ model_versions = Table(
     Column("update_time", DateTime(timezone=True), nullable=False),
     Column("etag", String(32), nullable=False),
     Column("body", LargeBinary, nullable=False),
+    # The registry's signature over the artifact's raw SHA-256 digest, made
+    # before the row is inserted (migration 0003). NULL only on versions
+    # registered before signing existed: they are reported unsigned.
+    Column("signature_algorithm", String(32), nullable=True),
+    Column("signature_key_id", String(200), nullable=True),
+    Column("signature", LargeBinary, nullable=True),
+    Column("sign_time", DateTime(timezone=True), nullable=True),
     UniqueConstraint("model_pk", "version", name="uq_model_versions_model_version"),
 )
 

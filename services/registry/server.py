@@ -9,8 +9,11 @@ from conveyor.registry.v1 import registry_service_pb2, registry_service_pb2_grpc
 from conveyor.services.registry.migrate import upgrade_to_head
 from conveyor.services.registry.servicer import NoPromotionGate, PromotionGate, RegistryServicer
 from conveyor.services.registry.settings import RegistrySettings
+from conveyor.services.registry.signing import ArtifactSigner
 from conveyor.services.registry.store import RegistryStore
 from conveyor.services.registry.watch import AliasWatchHub
+from conveyor.shared.errors import UnavailableError
+from conveyor.shared.secrets import SecretStore
 from conveyor.shared.server import ConveyorServer, ServiceRegistration, create_server
 from conveyor.shared.storage import BlobStore, create_engine
 from conveyor.shared.storage.database import sqlite_url
@@ -34,9 +37,28 @@ def open_store(settings: RegistrySettings) -> RegistryStore:
 
 
 async def build_server(
-    settings: RegistrySettings, *, gate: PromotionGate | None = None
+    settings: RegistrySettings,
+    *,
+    gate: PromotionGate | None = None,
+    secret_store: SecretStore | None = None,
 ) -> ConveyorServer:
-    """Open (and migrate) the store, sweep orphaned blobs, start serving."""
+    """Open (and migrate) the store, sweep orphaned blobs, make sure the artifact
+    signing key exists, start serving.
+
+    ``secret_store`` signs artifact digests; by default the one the settings
+    configure (the local store under the data directory unless Vault is set).
+    """
+    signer = ArtifactSigner(
+        secret_store or settings.open_secret_store(), settings.artifact_signing_key
+    )
+    try:
+        await asyncio.to_thread(signer.ensure_key)
+    except UnavailableError as error:
+        # Reads need no secret store: serve them, and refuse uploads until it is back.
+        logger.warning(
+            "secret store unavailable at start-up; uploads fail until it returns",
+            extra={"backend": signer.store.backend, "cause": error.reason},
+        )
     store = await asyncio.to_thread(open_store, settings)
     removed = await asyncio.to_thread(store.collect_garbage)
     if removed:
@@ -50,6 +72,7 @@ async def build_server(
         watch_hub,
         workers,
         gate=gate or NoPromotionGate(),
+        signer=signer,
         max_artifact_bytes=settings.max_artifact_bytes,
     )
     server = await create_server(

@@ -17,6 +17,7 @@ from conveyor.registry.v1 import registry_service_pb2_grpc
 from conveyor.registry.v1 import resources_pb2 as pb
 from conveyor.services.registry import queries, validation
 from conveyor.services.registry.records import LATEST, request_hash
+from conveyor.services.registry.signing import ArtifactSigner, SignedDigest
 from conveyor.services.registry.store import RegistryStore
 from conveyor.services.registry.watch import AliasWatchHub
 from conveyor.shared import names, pagination
@@ -85,9 +86,11 @@ class RegistryServicer(registry_service_pb2_grpc.RegistryServiceServicer):
         workers: WorkerThreads,
         *,
         gate: PromotionGate,
+        signer: ArtifactSigner,
         max_artifact_bytes: int,
     ) -> None:
         self._store = store
+        self._signer = signer
         self._workers = workers
         self._watch_hub = watch_hub
         self._gate = gate
@@ -203,12 +206,13 @@ class RegistryServicer(registry_service_pb2_grpc.RegistryServiceServicer):
             raise FailedPreconditionError(
                 f"{model.name} is archived: it takes no new versions", reason="MODEL_ARCHIVED"
             )
-        artifact = await self._receive_artifact(request_iterator, metadata)
+        artifact, signature = await self._receive_artifact(request_iterator, metadata)
         version = await self._workers.run(
             self._store.create_version,
             model_id,
             metadata.model_version,
             artifact,
+            signature=signature,
             principal=caller_principal(context),
             request_id=metadata.request_id,
             request_hash=fingerprint,
@@ -219,7 +223,10 @@ class RegistryServicer(registry_service_pb2_grpc.RegistryServiceServicer):
         self,
         chunks: AsyncIterator[rpc.CreateModelVersionRequest],
         metadata: rpc.CreateModelVersionMetadata,
-    ) -> BlobInfo:
+    ) -> tuple[BlobInfo, SignedDigest]:
+        """Store the streamed bytes and sign their digest. The digest is checked
+        and signed before the blob is committed: when the secret store cannot
+        sign (UNAVAILABLE), the temporary file is discarded and nothing remains."""
         # Leaving this block early (a bad chunk, a cancelled or broken stream)
         # discards the temporary file: nothing becomes visible.
         with self._store.blobs.writer() as writer:
@@ -245,11 +252,14 @@ class RegistryServicer(registry_service_pb2_grpc.RegistryServiceServicer):
                 if writing is not None:  # never discard the file under a running write
                     await asyncio.shield(writing)
             try:
-                return await self._workers.run(
+                writer.check(expected_sha256=metadata.sha256, expected_size=metadata.size_bytes)
+                signature = await self._workers.run(self._signer.sign, writer.sha256)
+                blob = await self._workers.run(
                     writer.commit,
                     expected_sha256=metadata.sha256,
                     expected_size=metadata.size_bytes,
                 )
+                return blob, signature
             except DigestMismatchError as mismatch:
                 field = "size_bytes" if "declared_size" in mismatch.metadata else "sha256"
                 raise InvalidArgumentError(

@@ -33,3 +33,10 @@ class RegistrySettings(ServiceSettings):
     watch_poll_interval: timedelta = timedelta(seconds=1)
     """How often alias watchers look for changes made by other registry replicas
     (changes made by this process reach them at once)."""
+
+    artifact_signing_key: str = Field(
+        default="artifact-signing", pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$"
+    )
+    """Name of the Ed25519 key in the secret store that signs every artifact's
+    digest at registration (created at start-up if missing). Inference verifies
+    with the same name in its own store, so both must point at one key."""

@@ -20,6 +20,7 @@ from conveyor.registry.v1 import resources_pb2 as pb
 from conveyor.services.registry import records, schema
 from conveyor.services.registry.aliases import AliasStore
 from conveyor.services.registry.records import ACTIVE, ARCHIVED
+from conveyor.services.registry.signing import SignedDigest
 from conveyor.shared import names
 from conveyor.shared.errors import (
     AlreadyExistsError,
@@ -183,11 +184,14 @@ class RegistryStore:
         version: pb.ModelVersion,
         artifact: BlobInfo,
         *,
+        signature: SignedDigest,
         principal: str,
         request_id: str,
         request_hash: str,
     ) -> pb.ModelVersion:
-        """Add a version whose artifact is already stored; numbers it next."""
+        """Add a version whose artifact is already stored and signed; numbers it
+        next. The signature is part of the row's insert, so the version is never
+        visible unsigned."""
         now = records.now()
         body = pb.ModelVersion()
         body.CopyFrom(version)
@@ -245,6 +249,10 @@ class RegistryStore:
                     update_time=now,
                     etag=records.etag(),
                     body=body.SerializeToString(),
+                    signature_algorithm=signature.value.algorithm.value,
+                    signature_key_id=signature.value.key_id,
+                    signature=signature.value.signature,
+                    sign_time=signature.sign_time,
                 )
             )
             name = names.model_version_name(model_id, number)

@@ -13,6 +13,11 @@ A store holds three kinds of things, each behind a *name*:
   used once in process, kept only in its wrapped form (decrypt it with
   :meth:`SecretStore.unwrap_data_key`).
 
+The public half of every signing key version is available as PEM
+(:meth:`SecretStore.public_key_pem`, :meth:`SecretStore.public_keys_pem`), so a
+signature can be checked offline, with nothing but ``cryptography`` and the PEM
+named by its ``key_id``.
+
 Every method blocks (file or network I/O): async code calls it through a worker
 thread (``WorkerThreads.run`` or ``asyncio.to_thread``).
 
@@ -29,7 +34,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Literal
 
-from conveyor.shared.errors import InvalidArgumentError
+from conveyor.shared.errors import InvalidArgumentError, NotFoundError
 
 DIGEST_BYTES = 32
 """Length of what :meth:`SecretStore.sign` signs: the raw bytes of a SHA-256 digest."""
@@ -159,6 +164,44 @@ class SecretStore(ABC):
         """Whether ``signature`` is a valid signature of ``message`` by some version
         of ``key_name`` (the version named in ``signature.key_id``). A signature
         by another key, an unknown version or altered bytes gives False."""
+
+    # Public keys --------------------------------------------------------------
+
+    @abstractmethod
+    def public_keys_pem(self, key_name: str) -> dict[str, str]:
+        """The public key of every version of the signing key ``key_name`` that
+        :meth:`verify` accepts signatures from, oldest first: ``key_id`` (as
+        :meth:`sign` puts it in a signature) → PEM SubjectPublicKeyInfo.
+
+        Raises NotFoundError when there is no such key and FailedPreconditionError
+        when it is not a signing key.
+        """
+
+    def public_key_pem(self, key_name: str, key_id: str) -> str:
+        """The PEM (SubjectPublicKeyInfo) public key of the version of the signing
+        key ``key_name`` that ``key_id`` names (``ArtifactSignatureValue.key_id``).
+
+        With it, ``cryptography`` alone verifies what that version signed: Ed25519
+        over the 32 digest bytes, ECDSA P-256 and RSA-PSS over them as a prehashed
+        SHA-256 digest. Raises InvalidArgumentError when ``key_id`` is not one of
+        this backend's ids for ``key_name``, NotFoundError when the key or that
+        version does not exist (or no longer verifies), FailedPreconditionError
+        when ``key_name`` is not a signing key.
+        """
+        check_key_name(key_name)
+        self._check_key_id(key_name, key_id)
+        pem = self.public_keys_pem(key_name).get(key_id)
+        if pem is None:
+            raise NotFoundError(
+                f"signing key {key_name!r} has no version {key_id!r}",
+                reason="KEY_VERSION_NOT_FOUND",
+            )
+        return pem
+
+    @abstractmethod
+    def _check_key_id(self, key_name: str, key_id: str) -> None:
+        """Raise InvalidArgumentError (reason ``BAD_KEY_ID``) unless ``key_id`` has
+        the form of this backend's ids for versions of ``key_name``."""
 
 
 def check_key_name(key_name: str) -> str:

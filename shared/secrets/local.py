@@ -9,7 +9,8 @@ Layout under ``directory`` (created 0700; every file 0600)::
 Encryption is AES-256-GCM with the context as associated data; ciphertexts read
 ``local:v{version}:{base64(nonce || ciphertext || tag)}``. Signing is Ed25519;
 ``key_id`` is ``local/{fingerprint}``, the SHA-256 (hex) of the raw public key of
-the version that signed. Rotation appends a version and keeps the old ones.
+the version that signed. Rotation appends a version and keeps the old ones;
+:meth:`~LocalSecretStore.public_keys_pem` gives the public key of each.
 
 A key file or secrets file that group or others may read is refused: the store
 raises :class:`InsecureSecretFileError` instead of using it. Files are replaced
@@ -27,6 +28,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import stat
 import threading
 import uuid
@@ -43,7 +45,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from conveyor.shared.errors import FailedPreconditionError, NotFoundError
+from conveyor.shared.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
 from conveyor.shared.secrets.base import (
     ArtifactSignatureValue,
     DataKey,
@@ -64,6 +66,7 @@ _PREFIX = "local"
 _NONCE_BYTES = 12
 _AES_KEY_BYTES = 32
 _LOCAL_TYPES: tuple[KeyType, ...] = ("aes256-gcm96", "ed25519")
+_KEY_ID = re.compile(rf"^{_PREFIX}/[0-9a-f]{{64}}$")
 
 
 class InsecureSecretFileError(FailedPreconditionError):
@@ -233,6 +236,31 @@ class LocalSecretStore(SecretStore):
         except InvalidSignature:
             return False
         return True
+
+    # Public keys --------------------------------------------------------------
+
+    def public_keys_pem(self, key_name: str) -> dict[str, str]:
+        # Re-read: another process sharing the directory may have rotated the key.
+        ring = self._existing_ring(key_name, "ed25519", refresh=True)
+        if ring is None:
+            raise NotFoundError(f"no key named {key_name!r}", reason="KEY_NOT_FOUND")
+        keys: dict[str, str] = {}
+        for number in sorted(ring.versions):
+            public = Ed25519PrivateKey.from_private_bytes(ring.versions[number]).public_key()
+            pem = public.public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo)
+            keys[f"{_PREFIX}/{_fingerprint(public)}"] = pem.decode("ascii")
+        return keys
+
+    def _check_key_id(self, key_name: str, key_id: str) -> None:
+        # A local key id names a public key, not the key it belongs to: an id of
+        # another local key has the right form and is simply not found.
+        if not _KEY_ID.match(key_id):
+            raise InvalidArgumentError(
+                f"not a local secret store key id (expected '{_PREFIX}/<SHA-256 hex of the "
+                "public key>')",
+                reason="BAD_KEY_ID",
+                metadata={"backend": self.backend},
+            )
 
     # Helpers ------------------------------------------------------------------
 

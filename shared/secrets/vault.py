@@ -10,7 +10,10 @@
   ciphertext only decrypts with the context it was made with; a non-derived key is
   refused rather than silently ignoring the context. Signatures are over a SHA-256
   digest: Ed25519 keys sign the 32 raw bytes, ECDSA and RSA keys sign them as
-  ``prehashed`` with ``hash_algorithm=sha2-256`` (RSA with PSS).
+  ``prehashed`` with ``hash_algorithm=sha2-256`` (RSA with PSS). The public key
+  of each version comes from reading the key (``GET {transit}/keys/{name}``):
+  ``data.keys`` maps each version to its ``public_key``, base64 of the raw key for
+  Ed25519 and PEM for ECDSA and RSA; the store hands out PEM for all of them.
 
 Every hvac and requests exception is mapped to a :class:`ConveyorError` in one
 place, :func:`_vault_errors`. Tokens and secret ids live only inside the hvac
@@ -32,6 +35,13 @@ from typing import Any, TypeVar
 import hvac
 import hvac.exceptions
 import requests
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from cryptography.hazmat.primitives.serialization import (
+    Encoding,
+    PublicFormat,
+    load_pem_public_key,
+)
 
 from conveyor.shared.errors import (
     ConveyorError,
@@ -296,6 +306,49 @@ class VaultSecretStore(SecretStore):
             return False
         return bool(response["data"]["valid"])
 
+    # Public keys --------------------------------------------------------------
+
+    def public_keys_pem(self, key_name: str) -> dict[str, str]:
+        check_key_name(key_name)
+        data = self._read_key(key_name)
+        algorithm = _algorithm_of(key_name, str(data.get("type")))
+        if data.get("derived"):
+            raise FailedPreconditionError(
+                f"Transit key {key_name!r} is derived: it has a public key per context, "
+                "not one per version",
+                reason="KEY_DERIVED",
+            )
+        # Versions below min_decryption_version no longer verify in Vault; leaving
+        # them out keeps offline verification in step with verify().
+        oldest = int(data.get("min_decryption_version") or 1)
+        entries = {int(v): e for v, e in (data.get("keys") or {}).items() if str(v).isdigit()}
+        keys: dict[str, str] = {}
+        for version, entry in sorted(entries.items()):
+            if version < oldest:
+                continue
+            public_key = entry.get("public_key") if isinstance(entry, dict) else None
+            keys[f"{KEY_ID_PREFIX}/{key_name}/{version}"] = _public_key_pem(
+                key_name, version, algorithm, public_key
+            )
+        return keys
+
+    def _check_key_id(self, key_name: str, key_id: str) -> None:
+        prefix, _, rest = key_id.partition("/")
+        signer, _, version = rest.rpartition("/")
+        if (
+            prefix != KEY_ID_PREFIX
+            or signer != key_name
+            or not version.isascii()
+            or not version.isdigit()
+            or int(version) < 1
+        ):
+            raise InvalidArgumentError(
+                f"not a key id of Transit key {key_name!r} (expected "
+                f"'{KEY_ID_PREFIX}/{key_name}/<version>')",
+                reason="BAD_KEY_ID",
+                metadata={"backend": self.backend},
+            )
+
     # Helpers ------------------------------------------------------------------
 
     def _require_derived(self, key_name: str, context: bytes) -> None:
@@ -354,6 +407,44 @@ def _algorithm_of(key_name: str, key_type: str) -> SignatureAlgorithm:
         f"Transit key {key_name!r} is a {key_type} key, which cannot sign artifacts",
         reason="WRONG_KEY_TYPE",
     )
+
+
+_PublicKey = Ed25519PublicKey | ec.EllipticCurvePublicKey | rsa.RSAPublicKey
+
+
+def _public_key_pem(
+    key_name: str, version: int, algorithm: SignatureAlgorithm, public_key: object
+) -> str:
+    """PEM SubjectPublicKeyInfo of one version's ``public_key`` from a key read,
+    re-encoded so every PEM handed out has the same form."""
+    try:
+        public = _load_public_key(algorithm, public_key)
+    except (ValueError, TypeError):
+        raise FailedPreconditionError(
+            f"Vault returned no usable {algorithm.value} public key for version {version} "
+            f"of Transit key {key_name!r}",
+            reason="BAD_PUBLIC_KEY",
+        ) from None
+    return public.public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo).decode("ascii")
+
+
+def _load_public_key(algorithm: SignatureAlgorithm, public_key: object) -> _PublicKey:
+    """Vault's ``public_key``: base64 of the 32 raw bytes for Ed25519, PEM for
+    ECDSA and RSA; ValueError unless it is a key of ``algorithm``'s type."""
+    if not isinstance(public_key, str) or not public_key:
+        raise ValueError("no public key")
+    if algorithm == SignatureAlgorithm.ED25519:
+        return Ed25519PublicKey.from_public_bytes(base64.b64decode(public_key, validate=True))
+    loaded = load_pem_public_key(public_key.encode("ascii"))
+    if (
+        algorithm == SignatureAlgorithm.ECDSA_P256_SHA256
+        and isinstance(loaded, ec.EllipticCurvePublicKey)
+        and isinstance(loaded.curve, ec.SECP256R1)
+    ):
+        return loaded
+    if algorithm == SignatureAlgorithm.RSA_PSS_SHA256 and isinstance(loaded, rsa.RSAPublicKey):
+        return loaded
+    raise ValueError("the public key is not of the key's type")
 
 
 def _signing_options(algorithm: SignatureAlgorithm) -> dict[str, Any]:

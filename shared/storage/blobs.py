@@ -23,7 +23,7 @@ from types import TracebackType
 from typing import cast
 
 from conveyor.shared.errors import InvalidArgumentError, NotFoundError
-from conveyor.shared.storage.files import fsync_directory
+from conveyor.shared.storage.files import fsync_directory, process_alive
 
 SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 """A SHA-256 digest as the store names blobs: 64 lowercase hex characters."""
@@ -66,7 +66,7 @@ class BlobStore:
         removed = 0
         for leftover in self._tmp.iterdir():
             owner = leftover.name.split("-", 1)[0]
-            if owner.isdigit() and _process_alive(int(owner)):
+            if owner.isdigit() and process_alive(int(owner)):
                 continue
             leftover.unlink(missing_ok=True)
             removed += 1
@@ -170,23 +170,33 @@ class BlobWriter:
         self, *, expected_sha256: str | None = None, expected_size: int | None = None
     ) -> BlobInfo:
         """Make the blob visible, after checking the declared digest and size."""
+        try:
+            self.check(expected_sha256=expected_sha256, expected_size=expected_size)
+        except DigestMismatchError:
+            self.abort()
+            raise
         digest = self.sha256
-        if expected_size is not None and expected_size != self.size_bytes:
-            self.abort()
-            raise DigestMismatchError(
-                f"declared {expected_size} bytes but received {self.size_bytes}",
-                metadata={"declared_size": str(expected_size), "size": str(self.size_bytes)},
-            )
-        if expected_sha256 is not None and expected_sha256 != digest:
-            self.abort()
-            raise DigestMismatchError(
-                "content does not match the declared sha256",
-                metadata={"declared_sha256": expected_sha256, "sha256": digest},
-            )
         os.fsync(self._file.fileno())
         self._file.close()
         self._store._install(self._temporary, digest)
         return BlobInfo(sha256=digest, size_bytes=self.size_bytes)
+
+    def check(
+        self, *, expected_sha256: str | None = None, expected_size: int | None = None
+    ) -> None:
+        """Raise DigestMismatchError unless what was written so far has the
+        declared size and digest. Lets a caller act on verified bytes (sign
+        their digest) before :meth:`commit` makes them visible."""
+        if expected_size is not None and expected_size != self.size_bytes:
+            raise DigestMismatchError(
+                f"declared {expected_size} bytes but received {self.size_bytes}",
+                metadata={"declared_size": str(expected_size), "size": str(self.size_bytes)},
+            )
+        if expected_sha256 is not None and expected_sha256 != self.sha256:
+            raise DigestMismatchError(
+                "content does not match the declared sha256",
+                metadata={"declared_sha256": expected_sha256, "sha256": self.sha256},
+            )
 
     def abort(self) -> None:
         """Discard what was written."""
@@ -228,13 +238,3 @@ def _start_writeback(descriptor: int, start: int, end: int) -> None:
     """Ask Linux to start writing ``[start, end)`` to disk without waiting."""
     if _sync_file_range is not None:
         _sync_file_range(descriptor, start, end - start, _SYNC_FILE_RANGE_WRITE)
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, owned by another user
-        return True
-    return True

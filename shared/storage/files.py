@@ -13,3 +13,15 @@ def fsync_directory(path: Path) -> None:
         os.fsync(descriptor)
     finally:
         os.close(descriptor)
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` still runs: temporary files named after their
+    writer's pid are only swept once that writer is gone."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by another user
+        return True
+    return True

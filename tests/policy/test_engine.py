@@ -147,8 +147,13 @@ def test_approver_approves(engine: PolicyEngine) -> None:
 
 # --- service identities ------------------------------------------------------------
 
+# Every RPC action; `promotion.*` actions are gate questions, not calls.
 ALL_ACTIONS = sorted(
-    set(re.findall(r'"([a-z]+\.[A-Z]\w+)"', (POLICY_DIR / "schema.cedarschema").read_text()))
+    action
+    for action in set(
+        re.findall(r'"([a-z]+\.[A-Z]\w+)"', (POLICY_DIR / "schema.cedarschema").read_text())
+    )
+    if not action.startswith("promotion.")
 )
 RESOURCE_FOR_SERVICE = {
     "registry": MODEL,

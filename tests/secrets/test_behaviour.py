@@ -5,6 +5,9 @@ from __future__ import annotations
 import hashlib
 
 import pytest
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from conveyor.shared.errors import (
     FailedPreconditionError,
@@ -136,3 +139,88 @@ def test_key_types_are_not_mixed(store: SecretStore) -> None:
         store.ensure_key("artifacts", "aes256-gcm96")
     with pytest.raises(FailedPreconditionError):
         store.sign("envelope", DIGEST)
+
+
+def _load_ed25519(pem: str) -> Ed25519PublicKey:
+    public = load_pem_public_key(pem.encode("ascii"))
+    assert isinstance(public, Ed25519PublicKey)
+    return public
+
+
+def _absent_key_id(store: SecretStore, key_name: str) -> str:
+    """A well-formed key id of this backend that names no version of ``key_name``."""
+    return f"vault-transit/{key_name}/99" if store.backend == "vault" else "local/" + "ab" * 32
+
+
+def _foreign_key_id(store: SecretStore, key_name: str) -> str:
+    """A well-formed key id of the other backend."""
+    return "local/" + "ab" * 32 if store.backend == "vault" else f"vault-transit/{key_name}/1"
+
+
+def test_signature_verifies_offline_with_the_public_key_pem(store: SecretStore) -> None:
+    signature = store.sign("artifacts", DIGEST)
+
+    pem = store.public_key_pem("artifacts", signature.key_id)
+
+    assert pem.startswith("-----BEGIN PUBLIC KEY-----\n")
+    assert pem.endswith("-----END PUBLIC KEY-----\n")
+    public = _load_ed25519(pem)
+    public.verify(signature.signature, DIGEST)  # raises InvalidSignature if not
+    with pytest.raises(InvalidSignature):
+        public.verify(signature.signature, hashlib.sha256(b"tampered model").digest())
+
+
+def test_public_keys_cover_every_version_after_rotation(store: SecretStore) -> None:
+    old_signature = store.sign("artifacts", DIGEST)
+    assert list(store.public_keys_pem("artifacts")) == [old_signature.key_id]
+
+    store.rotate_key("artifacts")
+    new_signature = store.sign("artifacts", DIGEST)
+    keys = store.public_keys_pem("artifacts")
+
+    assert list(keys) == [old_signature.key_id, new_signature.key_id]  # oldest first
+    assert keys[old_signature.key_id] != keys[new_signature.key_id]
+    assert store.public_key_pem("artifacts", old_signature.key_id) == keys[old_signature.key_id]
+    old_public = _load_ed25519(keys[old_signature.key_id])
+    old_public.verify(old_signature.signature, DIGEST)
+    with pytest.raises(InvalidSignature):
+        old_public.verify(new_signature.signature, DIGEST)
+    _load_ed25519(keys[new_signature.key_id]).verify(new_signature.signature, DIGEST)
+
+
+def test_public_key_of_an_unknown_key_or_version_is_not_found(store: SecretStore) -> None:
+    with pytest.raises(NotFoundError) as caught:
+        store.public_key_pem("artifacts", _absent_key_id(store, "artifacts"))
+    assert caught.value.reason == "KEY_VERSION_NOT_FOUND"
+    with pytest.raises(NotFoundError):
+        store.public_key_pem("absent", _absent_key_id(store, "absent"))
+    with pytest.raises(NotFoundError):
+        store.public_keys_pem("absent")
+
+
+@pytest.mark.parametrize("kind", ["foreign", "empty", "bare", "garbled"])
+def test_key_id_of_another_backend_is_invalid(store: SecretStore, kind: str) -> None:
+    key_id = {
+        "foreign": _foreign_key_id(store, "artifacts"),
+        "empty": "",
+        "bare": "artifacts",
+        "garbled": f"{store.sign('artifacts', DIGEST).key_id}/x",
+    }[kind]
+
+    with pytest.raises(InvalidArgumentError) as caught:
+        store.public_key_pem("artifacts", key_id)
+    assert caught.value.reason == "BAD_KEY_ID"
+
+
+def test_public_key_of_an_encryption_key_is_refused(store: SecretStore) -> None:
+    with pytest.raises(FailedPreconditionError):
+        store.public_keys_pem("envelope")
+    with pytest.raises(FailedPreconditionError):
+        store.public_key_pem("envelope", _absent_key_id(store, "envelope"))
+
+
+def test_public_key_refuses_a_bad_key_name(store: SecretStore) -> None:
+    with pytest.raises(InvalidArgumentError):
+        store.public_keys_pem("../artifacts")
+    with pytest.raises(InvalidArgumentError):
+        store.public_key_pem("../artifacts", _absent_key_id(store, "artifacts"))

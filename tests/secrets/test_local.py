@@ -9,9 +9,17 @@ import stat
 from pathlib import Path
 
 import pytest
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+    Ed25519PrivateKey,
+    Ed25519PublicKey,
+)
+from cryptography.hazmat.primitives.serialization import (
+    Encoding,
+    PublicFormat,
+    load_pem_public_key,
+)
 
+from conveyor.shared.errors import NotFoundError
 from conveyor.shared.secrets import InsecureSecretFileError, LocalSecretStore
 
 DIGEST = hashlib.sha256(b"artifact").digest()
@@ -85,3 +93,44 @@ def test_key_id_is_the_public_key_fingerprint(tmp_path: Path) -> None:
 
 def test_repr_names_only_the_directory(tmp_path: Path) -> None:
     assert repr(LocalSecretStore(tmp_path)) == f"LocalSecretStore(directory='{tmp_path}')"
+
+
+def test_public_key_pem_is_the_key_id_fingerprint(tmp_path: Path) -> None:
+    store = LocalSecretStore(tmp_path)
+    signature = store.sign("artifacts", DIGEST)
+
+    public = load_pem_public_key(store.public_key_pem("artifacts", signature.key_id).encode())
+
+    assert isinstance(public, Ed25519PublicKey)
+    raw = public.public_bytes(Encoding.Raw, PublicFormat.Raw)
+    assert signature.key_id == f"local/{hashlib.sha256(raw).hexdigest()}"
+
+
+def test_public_keys_see_a_rotation_by_another_process(tmp_path: Path) -> None:
+    reader = LocalSecretStore(tmp_path)
+    first = reader.sign("artifacts", DIGEST)
+    assert list(reader.public_keys_pem("artifacts")) == [first.key_id]
+
+    LocalSecretStore(tmp_path).rotate_key("artifacts")
+    second = LocalSecretStore(tmp_path).sign("artifacts", DIGEST)
+
+    assert list(reader.public_keys_pem("artifacts")) == [first.key_id, second.key_id]
+    assert reader.public_key_pem("artifacts", second.key_id)
+
+
+def test_public_key_of_another_local_key_is_not_found(tmp_path: Path) -> None:
+    store = LocalSecretStore(tmp_path)
+    store.ensure_key("artifacts", "ed25519")
+    other = store.sign("other", DIGEST)
+
+    with pytest.raises(NotFoundError):
+        store.public_key_pem("artifacts", other.key_id)
+
+
+def test_public_key_of_a_readable_key_file_is_refused(tmp_path: Path) -> None:
+    store = LocalSecretStore(tmp_path)
+    signature = store.sign("artifacts", DIGEST)
+    (tmp_path / "keys" / "artifacts.json").chmod(0o644)
+
+    with pytest.raises(InsecureSecretFileError):
+        store.public_key_pem("artifacts", signature.key_id)

@@ -5,8 +5,16 @@ from __future__ import annotations
 
 import base64
 import hashlib
+from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec, utils
+from cryptography.hazmat.primitives.serialization import (
+    Encoding,
+    PublicFormat,
+    load_pem_public_key,
+)
 
 from conveyor.shared.errors import (
     FailedPreconditionError,
@@ -224,3 +232,89 @@ def test_repr_shows_no_credentials(vault: FakeVault) -> None:
 
     assert SECRET_ID not in repr(store)
     assert repr(store) == f"VaultSecretStore(addr='{vault.url}', auth='approle')"
+
+
+def test_ecdsa_signature_verifies_offline_with_the_public_key_pem(
+    approle_store: VaultSecretStore,
+) -> None:
+    approle_store.ensure_key("ecdsa", "ecdsa-p256")
+    signature = approle_store.sign("ecdsa", DIGEST)
+
+    public = load_pem_public_key(approle_store.public_key_pem("ecdsa", signature.key_id).encode())
+
+    assert isinstance(public, ec.EllipticCurvePublicKey)
+    assert isinstance(public.curve, ec.SECP256R1)
+    public.verify(signature.signature, DIGEST, ec.ECDSA(utils.Prehashed(hashes.SHA256())))
+
+
+def test_public_keys_come_from_reading_the_key(
+    vault: FakeVault, approle_store: VaultSecretStore
+) -> None:
+    approle_store.ensure_key("artifacts", "ed25519")
+    approle_store.rotate_key("artifacts")
+    vault.requests.clear()
+
+    keys = approle_store.public_keys_pem("artifacts")
+
+    assert vault.requests == [("GET", "transit/keys/artifacts")]
+    assert list(keys) == ["vault-transit/artifacts/1", "vault-transit/artifacts/2"]
+    for version in (1, 2):
+        held = vault.transit["transit"]["artifacts"].versions[version].public_key()
+        expected = held.public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo).decode()
+        assert keys[f"vault-transit/artifacts/{version}"] == expected
+
+
+def test_key_id_of_another_vault_key_is_invalid(approle_store: VaultSecretStore) -> None:
+    approle_store.ensure_key("artifacts", "ed25519")
+    approle_store.ensure_key("other", "ed25519")
+    signature = approle_store.sign("other", DIGEST)
+
+    with pytest.raises(InvalidArgumentError, match="vault-transit/artifacts/<version>"):
+        approle_store.public_key_pem("artifacts", signature.key_id)
+    with pytest.raises(InvalidArgumentError):
+        approle_store.public_key_pem("artifacts", "vault-transit/artifacts/0")
+
+
+def test_versions_vault_no_longer_verifies_have_no_public_key(
+    vault: FakeVault, approle_store: VaultSecretStore
+) -> None:
+    approle_store.ensure_key("artifacts", "ed25519")
+    retired = approle_store.sign("artifacts", DIGEST)
+    approle_store.rotate_key("artifacts")
+    vault.transit["transit"]["artifacts"].min_decryption_version = 2
+
+    assert not approle_store.verify("artifacts", DIGEST, retired)
+    assert list(approle_store.public_keys_pem("artifacts")) == ["vault-transit/artifacts/2"]
+    with pytest.raises(NotFoundError):
+        approle_store.public_key_pem("artifacts", retired.key_id)
+
+
+def test_derived_signing_key_has_no_public_key_per_version(
+    vault: FakeVault, approle_store: VaultSecretStore
+) -> None:
+    vault.create_key("derived-signer", "ed25519", derived=True)
+
+    with pytest.raises(FailedPreconditionError, match="derived"):
+        approle_store.public_keys_pem("derived-signer")
+
+
+def test_unusable_public_key_from_vault_is_refused(
+    vault: FakeVault, approle_store: VaultSecretStore
+) -> None:
+    approle_store.ensure_key("artifacts", "ed25519")
+    original = vault.handle
+
+    def mangled(
+        method: str, path: str, token: str | None, body: dict[str, Any]
+    ) -> tuple[int, dict[str, Any]]:
+        status, payload = original(method, path, token, body)
+        payload["data"]["keys"]["1"]["public_key"] = "not base64 *"
+        return status, payload
+
+    vault.handle = mangled  # type: ignore[method-assign]
+    try:
+        with pytest.raises(FailedPreconditionError) as caught:
+            approle_store.public_keys_pem("artifacts")
+    finally:
+        vault.handle = original  # type: ignore[method-assign]
+    assert caught.value.reason == "BAD_PUBLIC_KEY"

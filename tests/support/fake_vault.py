@@ -87,25 +87,24 @@ class FakeKey:
             self.versions[number] = Ed25519PrivateKey.generate()
         else:
             self.versions[number] = ec.generate_private_key(ec.SECP256R1())
-        self.created[number] = datetime.now(UTC).isoformat()
+        # Vault writes times as RFC 3339 (Go's time.Time): "…Z" in UTC.
+        self.created[number] = datetime.now(UTC).isoformat().replace("+00:00", "Z")
         return number
 
     def describe(self) -> Json:
+        """The key as ``GET /v1/{transit}/keys/{name}`` shows it: for an asymmetric
+        key, ``keys`` maps each version to ``name``, ``public_key`` (base64 of the
+        raw key for Ed25519, PEM for ECDSA; empty for a derived Ed25519 key read
+        without a context), ``certificate_chain`` and ``creation_time``; for a
+        symmetric key, to its creation time in Unix seconds."""
         signing = self.key_type != "aes256-gcm96"
         keys: dict[str, Any] = {}
         for number, material in self.versions.items():
             if signing:
-                public = material.public_key()
-                raw = (
-                    public.public_bytes(Encoding.Raw, PublicFormat.Raw)
-                    if self.key_type == "ed25519"
-                    else public.public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo)
-                )
                 keys[str(number)] = {
                     "name": self.key_type if self.key_type == "ed25519" else "P-256",
-                    "public_key": base64.b64encode(raw).decode()
-                    if self.key_type == "ed25519"
-                    else raw.decode(),
+                    "public_key": self._public_key(material),
+                    "certificate_chain": "",
                     "creation_time": self.created[number],
                 }
             else:
@@ -125,6 +124,15 @@ class FakeKey:
             "supports_derivation": not signing,
             "supports_signing": signing,
         }
+
+    def _public_key(self, private: Any) -> str:
+        public = private.public_key()
+        if self.key_type != "ed25519":
+            pem: bytes = public.public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo)
+            return pem.decode()
+        if self.derived:
+            return ""
+        return base64.b64encode(public.public_bytes(Encoding.Raw, PublicFormat.Raw)).decode()
 
 
 class FakeVault:
