@@ -113,11 +113,48 @@ class AlreadyExistsError(ConveyorError):
     default_reason = "ALREADY_EXISTS"
 
 
+@dataclass(frozen=True)
+class PreconditionViolation:
+    """One unmet precondition (``google.rpc.PreconditionFailure.Violation``):
+    ``type`` is a category such as ``PROMOTION_GATE``, ``subject`` what failed
+    (``metric:accuracy``), ``description`` how."""
+
+    type: str
+    subject: str
+    description: str
+
+
 class FailedPreconditionError(ConveyorError):
-    """The system is not in a state that allows the call (a gate refused it)."""
+    """The system is not in a state that allows the call (a gate refused it);
+    ``violations`` lists each unmet precondition."""
 
     code = grpc.StatusCode.FAILED_PRECONDITION
     default_reason = "FAILED_PRECONDITION"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        violations: Iterable[PreconditionViolation] = (),
+        reason: str | None = None,
+        metadata: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message, reason=reason, metadata=metadata)
+        self.violations = tuple(violations)
+
+    def to_status(self) -> status_pb2.Status:
+        status = super().to_status()
+        if self.violations:
+            failure = error_details_pb2.PreconditionFailure(
+                violations=[
+                    error_details_pb2.PreconditionFailure.Violation(
+                        type=v.type, subject=v.subject, description=v.description
+                    )
+                    for v in self.violations
+                ]
+            )
+            status.details.append(_pack(failure))
+        return status
 
 
 class AbortedError(ConveyorError):
@@ -218,26 +255,40 @@ def from_rpc_error(error: grpc.RpcError) -> ConveyorError:
     reason: str | None = None
     metadata: dict[str, str] = {}
     violations: list[FieldViolation] = []
+    preconditions: list[PreconditionViolation] = []
     for detail in status.details if status else ():
         info = error_details_pb2.ErrorInfo()
         bad_request = error_details_pb2.BadRequest()
+        failure = error_details_pb2.PreconditionFailure()
         if detail.Unpack(info):
             reason, metadata = info.reason, dict(info.metadata)
         elif detail.Unpack(bad_request):
             violations.extend(
                 FieldViolation(v.field, v.description) for v in bad_request.field_violations
             )
+        elif detail.Unpack(failure):
+            preconditions.extend(
+                PreconditionViolation(v.type, v.subject, v.description) for v in failure.violations
+            )
     message = details or ""
     if cls is InvalidArgumentError:
         return InvalidArgumentError(
             message, violations=violations, reason=reason, metadata=metadata
+        )
+    if cls is FailedPreconditionError:
+        return FailedPreconditionError(
+            message, violations=preconditions, reason=reason, metadata=metadata
         )
     result = cls(message, reason=reason or code.name, metadata=metadata)
     result.code = code
     return result
 
 
-def _pack(message: error_details_pb2.ErrorInfo | error_details_pb2.BadRequest) -> any_pb2.Any:
+def _pack(
+    message: error_details_pb2.ErrorInfo
+    | error_details_pb2.BadRequest
+    | error_details_pb2.PreconditionFailure,
+) -> any_pb2.Any:
     packed = any_pb2.Any()
     packed.Pack(message)
     return packed
@@ -255,6 +306,7 @@ __all__ = [
     "InvalidArgumentError",
     "NotFoundError",
     "PermissionDeniedError",
+    "PreconditionViolation",
     "ResourceExhaustedError",
     "UnauthenticatedError",
     "UnavailableError",

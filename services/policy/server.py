@@ -6,7 +6,10 @@ import asyncio
 import contextlib
 import importlib.resources
 import logging
+from dataclasses import replace
 from pathlib import Path
+
+from google.protobuf.message import Message
 
 from conveyor.policy.v1 import policy_service_pb2, policy_service_pb2_grpc
 from conveyor.registry.v1 import registry_service_pb2
@@ -20,12 +23,10 @@ from conveyor.services.policy.registry_reader import GrpcRegistryReader, Registr
 from conveyor.services.policy.servicer import PolicyServicer
 from conveyor.services.policy.settings import PolicySettings
 from conveyor.shared.auth.authorizer import DecisionCache
-from conveyor.shared.auth.credentials import (
-    default_resolver,
-    server_auth_interceptors,
-    service_channel,
-)
-from conveyor.shared.auth.interceptor import AuthInterceptor
+from conveyor.shared.auth.credentials import server_auth_interceptors, service_channel
+from conveyor.shared.auth.interceptor import AuthInterceptor, ResourceResolver, default_resource
+from conveyor.shared.auth.principal import Resource, model_attributes
+from conveyor.shared.errors import ConveyorError
 from conveyor.shared.secrets import SecretStore
 from conveyor.shared.server import ConveyorServer, ServiceRegistration, create_server
 from conveyor.shared.storage import create_engine
@@ -97,7 +98,7 @@ async def build_server(
         settings.decision_cache_ttl,
     )
     interceptors = server_auth_interceptors(
-        settings, store, resolver=default_resolver("policy"), authorizer=authorizer
+        settings, store, resolver=policy_resolver(registry), authorizer=authorizer
     )
     server = await create_server(
         settings,
@@ -133,6 +134,25 @@ async def build_server(
         ]
     )
     return server
+
+
+def policy_resolver(registry: RegistryReader) -> ResourceResolver:
+    """Names a policy call's resource; a model, version or approval carries its
+    model's owner team, risk tier and compliance tags, read from the registry
+    (unknown models: none, and ownership rules deny)."""
+
+    async def resolve(method: str, request: Message) -> Resource:
+        resource = default_resource("policy", method, request)
+        segments = resource.name.split("/")
+        if len(segments) < 2 or segments[0] != "models" or segments[1] == "-":
+            return resource
+        try:
+            model = await registry.get_model(f"models/{segments[1]}")
+        except ConveyorError:  # unknown: the method itself answers NOT_FOUND
+            return resource
+        return replace(resource, owner_team=model.owner_team, attributes=model_attributes(model))
+
+    return resolve
 
 
 async def _sign_heads(audit: AuditLog, workers: WorkerThreads, interval_s: float) -> None:

@@ -6,7 +6,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import ClassVar
 
-from pydantic import Field
+from pydantic import AliasChoices, Field
 from pydantic_settings import SettingsConfigDict
 
 from conveyor.shared.ports import default_address
@@ -29,7 +29,8 @@ class PolicySettings(ServiceSettings):
     Unset: the set shipped with Conveyor (the repository's ``policies/``)."""
 
     registry_addr: str = Field(
-        default=default_address("registry"), validation_alias="CONVEYOR_REGISTRY_ADDR"
+        default=default_address("registry"),
+        validation_alias=AliasChoices("registry_addr", "CONVEYOR_REGISTRY_ADDR"),
     )
     """The registry (``CONVEYOR_REGISTRY_ADDR``), read for promotion facts."""
 

@@ -5,13 +5,17 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from conveyor.policy.v1 import policy_service_pb2
 from conveyor.registry.v1 import registry_service_pb2, registry_service_pb2_grpc
+from conveyor.services.registry.authorization import PolicyPromotionGate, registry_resolver
 from conveyor.services.registry.migrate import upgrade_to_head
 from conveyor.services.registry.servicer import NoPromotionGate, PromotionGate, RegistryServicer
 from conveyor.services.registry.settings import RegistrySettings
 from conveyor.services.registry.signing import ArtifactSigner
 from conveyor.services.registry.store import RegistryStore
 from conveyor.services.registry.watch import AliasWatchHub
+from conveyor.shared.auth.credentials import server_auth_interceptors, service_channel
+from conveyor.shared.auth.interceptor import AuthInterceptor
 from conveyor.shared.errors import UnavailableError
 from conveyor.shared.secrets import SecretStore
 from conveyor.shared.server import ConveyorServer, ServiceRegistration, create_server
@@ -43,14 +47,15 @@ async def build_server(
     secret_store: SecretStore | None = None,
 ) -> ConveyorServer:
     """Open (and migrate) the store, sweep orphaned blobs, make sure the artifact
-    signing key exists, start serving.
+    signing key exists, start serving behind authentication.
 
-    ``secret_store`` signs artifact digests; by default the one the settings
-    configure (the local store under the data directory unless Vault is set).
+    ``secret_store`` signs artifact digests and holds the token keys; by default
+    the one the settings configure (the local store under the data directory
+    unless Vault is set). ``gate`` defaults to the policy service's promotion
+    gates (``settings.promotion_gate``).
     """
-    signer = ArtifactSigner(
-        secret_store or settings.open_secret_store(), settings.artifact_signing_key
-    )
+    secrets = secret_store or settings.open_secret_store()
+    signer = ArtifactSigner(secrets, settings.artifact_signing_key)
     try:
         await asyncio.to_thread(signer.ensure_key)
     except UnavailableError as error:
@@ -67,11 +72,27 @@ async def build_server(
     watch_hub = AliasWatchHub(
         store, workers, poll_interval_s=settings.watch_poll_interval.total_seconds()
     )
+    policy_channel = None
+    if gate is None and settings.promotion_gate == "policy":
+        policy_channel = service_channel(
+            settings,
+            secrets,
+            target=settings.auth.policy_addr,
+            audience="policy",
+            services=[policy_service_pb2.DESCRIPTOR.services_by_name["PolicyService"]],
+        )
+        gate = PolicyPromotionGate(policy_channel)
+    elif gate is None:
+        logger.warning("promotion gates are off: aliases move without policy checks")
+        gate = NoPromotionGate()
+    interceptors = server_auth_interceptors(
+        settings, secrets, resolver=registry_resolver(store, workers)
+    )
     servicer = RegistryServicer(
         store,
         watch_hub,
         workers,
-        gate=gate or NoPromotionGate(),
+        gate=gate,
         signer=signer,
         max_artifact_bytes=settings.max_artifact_bytes,
     )
@@ -85,8 +106,17 @@ async def build_server(
                 ),
             )
         ],
+        interceptors=interceptors,
     )
+
+    async def close_channels() -> None:
+        for interceptor in interceptors:
+            if isinstance(interceptor, AuthInterceptor):
+                await interceptor.close()
+        if policy_channel is not None:
+            await policy_channel.close(None)
+
     server.before_stop.append(watch_hub.close)
     # Threads of cancelled calls may still hold connections: let them finish first.
-    server.on_shutdown.extend([workers.shutdown, store.engine.dispose])
+    server.on_shutdown.extend([workers.shutdown, store.engine.dispose, close_channels])
     return server

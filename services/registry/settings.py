@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import timedelta
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
@@ -40,3 +40,9 @@ class RegistrySettings(ServiceSettings):
     """Name of the Ed25519 key in the secret store that signs every artifact's
     digest at registration (created at start-up if missing). Inference verifies
     with the same name in its own store, so both must point at one key."""
+
+    promotion_gate: Literal["policy", "off"] = "policy"
+    """``policy``: every alias move asks the policy service's ``EvaluatePromotion``
+    (at ``CONVEYOR_POLICY_ADDR``) and is refused, listing the failed gates, unless
+    allowed, or when policy cannot answer. ``off``: aliases move without gates (for
+    tests and tools that exercise the registry alone; logged as a warning)."""

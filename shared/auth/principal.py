@@ -22,6 +22,7 @@ from typing import Any, Final
 from google.protobuf import json_format
 
 from conveyor.policy.v1 import resources_pb2
+from conveyor.registry.v1 import resources_pb2 as registry_pb
 from conveyor.shared.errors import FieldViolation, InvalidArgumentError
 
 MAX_PRINCIPAL_ID_CHARS: Final = 256
@@ -187,3 +188,12 @@ def certificate_common_name(context: Any) -> str:
     if len(name) > MAX_PRINCIPAL_ID_CHARS:
         return ""
     return name
+
+
+def model_attributes(model: registry_pb.Model) -> dict[str, Any]:
+    """A registry model's governance facts as resource attributes for the
+    policies (``risk_tier``, ``compliance_tags``)."""
+    return {
+        "risk_tier": registry_pb.RiskTier.Name(model.risk_tier),
+        "compliance_tags": list(model.compliance_tags),
+    }

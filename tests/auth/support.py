@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -15,6 +15,7 @@ import grpc
 
 from conveyor.registry.v1 import registry_service_pb2_grpc
 from conveyor.services.policy.engine import PolicyEngine
+from conveyor.services.registry import authorization
 from conveyor.services.registry.server import SERVICE_NAME, open_store
 from conveyor.services.registry.servicer import NoPromotionGate, RegistryServicer
 from conveyor.services.registry.settings import RegistrySettings
@@ -26,9 +27,7 @@ from conveyor.shared.auth import (
     Principal,
     Resource,
     ResourceResolver,
-    default_resource,
 )
-from conveyor.shared.errors import ConveyorError
 from conveyor.shared.secrets import SecretStore
 from conveyor.shared.server import ConveyorServer, ServiceRegistration, create_server
 from conveyor.shared.settings import ServiceSettings
@@ -94,25 +93,12 @@ class EngineAuthorizer:
         )
 
 
+_RESOLVER_WORKERS = WorkerThreads(2, name="auth-test-resolver")
+
+
 def registry_resolver(store: RegistryStore) -> ResourceResolver:
-    """Names a registry call's resource with its model's owner team, as the
-    registry's own resolver does (a create names the new model's team)."""
-
-    async def resolve(method: str, request: Any) -> Resource:
-        resource = default_resource("registry", method, request)
-        if method == "CreateModel":
-            return replace(resource, owner_team=request.model.owner_team)
-        segments = resource.name.split("/")
-        if len(segments) < 2 or segments[0] != "models":
-            return resource
-        model_id = segments[1].partition("@")[0]
-        try:
-            model = await asyncio.to_thread(store.get_model, model_id)
-        except ConveyorError:  # unknown or malformed: owner_team stays empty
-            return resource
-        return replace(resource, owner_team=model.owner_team)
-
-    return resolve
+    """The registry's own resolver over ``store`` (with the tests' worker threads)."""
+    return authorization.registry_resolver(store, _RESOLVER_WORKERS)
 
 
 @dataclass

@@ -15,6 +15,14 @@ from conveyor.shared.server import ConveyorServer
 from tests.support.postgres import ThrowawayPostgres
 
 
+@pytest.fixture(autouse=True)
+def registry_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These tests exercise the registry by itself: no authentication and no
+    promotion gates (tests/auth and tests/policy run it with both)."""
+    monkeypatch.setenv("CONVEYOR_AUTH_MODE", "off")
+    monkeypatch.setenv("CONVEYOR_REGISTRY_PROMOTION_GATE", "off")
+
+
 @pytest.fixture(scope="session")
 def postgres() -> Iterator[ThrowawayPostgres]:
     cluster = ThrowawayPostgres()

@@ -41,6 +41,13 @@ KEY = "artifact-signing"
 WEIGHTS = b"\x08\x07onnx graph" * 300_000  # several download chunks
 
 
+@pytest.fixture(autouse=True)
+def registry_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The registry by itself: no authentication, no promotion gates."""
+    monkeypatch.setenv("CONVEYOR_AUTH_MODE", "off")
+    monkeypatch.setenv("CONVEYOR_REGISTRY_PROMOTION_GATE", "off")
+
+
 @pytest.fixture
 def settings(tmp_path: Path) -> RegistrySettings:
     return RegistrySettings(data_dir=tmp_path / "data")
