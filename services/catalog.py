@@ -19,8 +19,9 @@ from conveyor.shared.settings import ServiceSettings
 ALL_SERVICES: tuple[str, ...] = tuple(SERVICE_PORTS)
 """Every service of the suite, in start-up order for ``conveyor up``."""
 
-IMPLEMENTED: tuple[str, ...] = ("registry",)
-"""Services that have a server; later issues add theirs here."""
+IMPLEMENTED: tuple[str, ...] = ("policy", "registry")
+"""Services that have a server, in start-up order (a service starts after the
+services it asks on every call: policy first); later issues add theirs here."""
 
 
 SettingsT = TypeVar("SettingsT", bound=ServiceSettings)

@@ -6,7 +6,10 @@ loopback with embedded defaults, prints their addresses and drains them all on
 Ctrl-C or SIGTERM; ``conveyor health HOST:PORT`` exits 0 when a server is SERVING.
 ``conveyor models …`` lists, shows, uploads, downloads and aliases models in a
 registry and ``conveyor registry backup|restore`` snapshots one
-(:mod:`conveyor.services.registry.cli`; this module only wires their arguments).
+(:mod:`conveyor.services.registry.cli`); ``conveyor audit …`` and ``conveyor
+approve`` talk to the policy service (:mod:`conveyor.services.policy.cli`);
+``conveyor credentials`` writes development tokens. This module only wires
+their arguments.
 """
 
 from __future__ import annotations
@@ -27,10 +30,14 @@ from pathlib import Path
 import grpc
 
 from conveyor.services import catalog
+from conveyor.services.policy import cli as policy_cli
 from conveyor.services.registry import cli as registry_cli
 from conveyor.services.registry import cli_transfer as transfer
+from conveyor.shared.auth.credentials import DEV_USERS, write_dev_credentials
+from conveyor.shared.errors import ConveyorError
 from conveyor.shared.health import ServerExitedError, serving_status, wait_until_serving
 from conveyor.shared.ports import default_address
+from conveyor.shared.secrets.settings import SecretStoreSettings, open_secret_store
 from conveyor.shared.settings import TelemetrySettings
 from conveyor.shared.telemetry import (
     configure_logging,
@@ -71,8 +78,15 @@ def _parser() -> argparse.ArgumentParser:
     health = commands.add_parser("health", help="exit 0 if a server reports SERVING")
     health.add_argument("address", help="HOST:PORT")
     health.add_argument("--service", default="", help="one service's full name (default: all)")
+    credentials = commands.add_parser(
+        "credentials",
+        help="write development tokens (one per role) under DATA_DIR/credentials",
+    )
+    credentials.add_argument("--data-dir", type=Path, default=Path(".data"), help="default: .data")
+    credentials.set_defaults(handler=lambda args: _credentials(args.data_dir))
     _add_models_commands(commands)
     _add_registry_commands(commands)
+    _add_policy_commands(commands)
     return parser
 
 
@@ -214,6 +228,48 @@ def _add_registry_commands(commands: _Subparsers[argparse.ArgumentParser]) -> No
         )
 
 
+def _add_policy_commands(commands: _Subparsers[argparse.ArgumentParser]) -> None:
+    client = argparse.ArgumentParser(add_help=False)
+    policy_cli.add_arguments(client)
+    span = argparse.ArgumentParser(add_help=False)
+    span.add_argument("--start", type=int, default=0, help="first sequence (default: the first)")
+    span.add_argument("--end", type=int, default=0, help="last sequence (default: the head)")
+    audit = commands.add_parser("audit", help="verify, export and read the audit log")
+    audit.set_defaults(handler=_usage(audit))
+    sub = audit.add_subparsers(metavar="COMMAND")
+    verify = sub.add_parser(
+        "verify",
+        help="verify the hash chain and signed heads (exit 3 when broken)",
+        parents=[client, span],
+    )
+    verify.add_argument("--file", type=Path, help="verify an export file offline instead")
+    verify.set_defaults(
+        handler=lambda args: (
+            policy_cli.verify_offline(args)
+            if args.file
+            else policy_cli.run(policy_cli.audit_verify, args)
+        )
+    )
+    export = sub.add_parser(
+        "export", help="write the log to a file that verifies offline", parents=[client, span]
+    )
+    export.add_argument("-o", "--output", type=Path, required=True)
+    export.set_defaults(handler=partial(policy_cli.run, policy_cli.audit_export))
+    decisions = sub.add_parser("decisions", help="recent decisions, newest first", parents=[client])
+    decisions.add_argument(
+        "--filter", help="AIP-160, e.g. 'principal.id = \"alice\" AND outcome = OUTCOME_DENY'"
+    )
+    decisions.add_argument("--limit", type=int, default=50)
+    decisions.set_defaults(handler=partial(policy_cli.run, policy_cli.audit_decisions))
+    approve = commands.add_parser(
+        "approve", help="approve a model version for an alias (approvers)", parents=[client]
+    )
+    approve.add_argument("version", help="MODEL/versions/N or models/MODEL/versions/N")
+    approve.add_argument("--alias", default="production")
+    approve.add_argument("--comment")
+    approve.set_defaults(handler=partial(policy_cli.run, policy_cli.approve))
+
+
 def _usage(parser: argparse.ArgumentParser) -> Handler:
     def print_usage(_args: argparse.Namespace) -> int:
         parser.print_help(sys.stderr)
@@ -287,9 +343,39 @@ def _use_one_malloc_arena() -> None:
 _M_ARENA_MAX = -8  # glibc's mallopt parameter number
 
 
+def _credentials(data_dir: Path) -> int:
+    """Write a development token per role under ``data_dir/credentials``."""
+    try:
+        written = _write_dev_credentials(data_dir)
+    except (ConveyorError, OSError) as error:
+        print(f"conveyor credentials: {error}", file=sys.stderr)
+        return 1
+    _print_credentials(written)
+    return 0
+
+
+def _write_dev_credentials(data_dir: Path) -> dict[str, Path]:
+    # The same secret store the services open (CONVEYOR_SECRETS_*, else the local
+    # one under the data directory), so that they accept these tokens.
+    store = open_secret_store(SecretStoreSettings(), data_dir)
+    return write_dev_credentials(store, data_dir / "credentials")
+
+
+def _print_credentials(written: dict[str, Path]) -> None:
+    roles = {user.id: ", ".join(user.roles) for user in DEV_USERS}
+    print("Development credentials (valid 8 hours; `conveyor credentials` renews them):")
+    for user, path in written.items():
+        print(f"  {user:<6} {roles.get(user, ''):<18} export CONVEYOR_TOKEN_FILE={path}")
+
+
 def _up(*, data_dir: Path, host: str) -> int:
     if not catalog.IMPLEMENTED:
         print("conveyor up: no service has a server yet; nothing to start.", file=sys.stderr)
+        return 1
+    try:
+        credentials = _write_dev_credentials(data_dir)
+    except (ConveyorError, OSError) as error:
+        print(f"conveyor up: cannot write development credentials: {error}", file=sys.stderr)
         return 1
     children: dict[str, subprocess.Popen[bytes]] = {}
     stop_requested = False
@@ -321,6 +407,7 @@ def _up(*, data_dir: Path, host: str) -> int:
         print("\nConveyor is up:")
         for name in children:
             print(f"  {name:<10} {default_address(name, host)}")
+        _print_credentials(credentials)
         print("Ctrl-C drains and stops every service.\n", flush=True)
         while not stop_requested and all(c.poll() is None for c in children.values()):
             time.sleep(0.2)

@@ -41,6 +41,8 @@ from conveyor.shared.pagination import (
 from conveyor.shared.storage import read_transaction, write_transaction
 
 MAX_TEXT = 4096
+MAX_PAGE_SIZE = 500
+"""ListApprovals coerces larger page sizes to this (the contract's limit)."""
 WILDCARD = "-"
 
 _APPROVAL = re.compile(
@@ -136,6 +138,17 @@ class ApprovalStore:
                     sa.select(approvals).where(approvals.c.request_id == request_id)
                 ).first()
                 if earlier is not None:
+                    same_request = (
+                        earlier.model_id == model
+                        and earlier.version == version
+                        and earlier.alias == alias
+                        and earlier.approver_text == approver.text
+                    )
+                    if not same_request:
+                        # Never hand someone else's approval (or another version's) back.
+                        raise _invalid(
+                            "request_id", "already used for a different approval; use a new UUID"
+                        )
                     return _approval(earlier)
             duplicate = connection.execute(
                 sa.select(approvals.c.approval_id).where(
@@ -207,7 +220,7 @@ class ApprovalStore:
     ) -> tuple[builtins.list[pb.Approval], str]:
         """One page of the approvals under ``parent``, oldest first."""
         restrictions = parse_filter(filter, FILTER_FIELDS)
-        limit = page_size(size)
+        limit = min(page_size(size), MAX_PAGE_SIZE)
         request = fingerprint(parent.model, parent.version, filter)
         cursor = decode_page_token(page_token, request)
         query = sa.select(approvals).order_by(approvals.c.create_time, approvals.c.approval_id)

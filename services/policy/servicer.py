@@ -64,6 +64,10 @@ _LIST_ARGUMENTS = {
     "resource.name": "resource_name",
     "trace_id": "trace_id",
 }
+_DECISION_NAME = re.compile(
+    r"^decisions/(?P<id>[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})$"
+)
+_POLICY_SET_NAME = re.compile(r"^policySets/(?P<id>[0-9a-fA-F]{64}|current)$")
 _ONE_MICROSECOND = timedelta(microseconds=1)
 _BREAK_KINDS = {
     "changed": pb.CHAIN_BREAK_KIND_MODIFIED,
@@ -262,7 +266,7 @@ class PolicyServicer(policy_service_pb2_grpc.PolicyServiceServicer):
     # The audit log ------------------------------------------------------------
 
     async def GetDecision(self, request: rpc.GetDecisionRequest, context: Any) -> Any:
-        decision_id = names.parse_resource_name(request.name, "decisions")
+        decision_id = _decision_id(request.name)
         record = await self._workers.run(self._recorder.audit.get, decision_id)
         return rpc.GetDecisionResponse(decision=decision_proto(record))
 
@@ -317,7 +321,7 @@ class PolicyServicer(policy_service_pb2_grpc.PolicyServiceServicer):
                 return
 
     async def GetPolicySet(self, request: rpc.GetPolicySetRequest, context: Any) -> Any:
-        digest = names.parse_resource_name(request.name, "policySets")
+        digest = _policy_set_id(request.name)
         policy_set = await self._workers.run(self._policy_sets.get, digest)
         return rpc.GetPolicySetResponse(policy_set=policy_set)
 
@@ -373,16 +377,35 @@ def _decision_filter(text: str) -> dict[str, Any]:
 
 
 def _principal(message: pb.Principal, field: str) -> Principal:
+    """The principal in the request's ``field``; INVALID_ARGUMENT naming
+    ``{field}.kind`` / ``{field}.id`` when it is malformed."""
     try:
-        return Principal.from_proto(message)
+        return Principal.from_proto(message, field=field)
     except InvalidArgumentError as error:
         raise InvalidArgumentError(
             f"invalid {field}: {error.message}",
-            violations=[
-                FieldViolation(f"{field}.{v.field}", v.description) for v in error.violations
-            ]
-            or [FieldViolation(field, error.message)],
+            violations=list(error.violations) or [FieldViolation(field, error.message)],
+            reason=error.reason,
         ) from None
+
+
+def _decision_id(name: str) -> str:
+    """The UUID in ``decisions/{decision_id}`` (a resource id pattern would refuse
+    the many UUIDs that start with a digit)."""
+    match = _DECISION_NAME.match(name)
+    if not match:
+        raise _invalid("name", f"expected decisions/{{uuid}}, got {name[:100]!r}")
+    return match["id"]
+
+
+def _policy_set_id(name: str) -> str:
+    """The digest (or ``current``) in ``policySets/{policy_set}``."""
+    match = _POLICY_SET_NAME.match(name)
+    if not match:
+        raise _invalid(
+            "name", f"expected policySets/{{sha256 digest}} or policySets/current, got {name[:100]!r}"
+        )
+    return match["id"]
 
 
 def _exact_version(name: str, field: str) -> str:

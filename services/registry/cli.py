@@ -337,6 +337,7 @@ async def _with_session(
         services=[REGISTRY_SERVICE],
         default_timeout=settings.default_timeout,
         tls=settings.tls(),
+        bearer_token=settings.bearer_token(),
     )
     async with channel:
         session = Session(

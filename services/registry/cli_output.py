@@ -73,7 +73,11 @@ def hint(code: grpc.StatusCode, *, model: str, target: str) -> str:
         grpc.StatusCode.DEADLINE_EXCEEDED: (
             f"no answer in time: raise --timeout, or check `conveyor health {target}`"
         ),
-        grpc.StatusCode.UNAUTHENTICATED: "check CONVEYOR_TLS_CA_FILE, _CERT_FILE and _KEY_FILE",
+        grpc.StatusCode.UNAUTHENTICATED: (
+            "send credentials: CONVEYOR_TOKEN_FILE=<file> (`conveyor up` writes development "
+            "tokens under <data-dir>/credentials), or a client certificate via "
+            "CONVEYOR_TLS_CERT_FILE and CONVEYOR_TLS_KEY_FILE"
+        ),
         grpc.StatusCode.PERMISSION_DENIED: "ask the model's owner team for the right to do this",
         grpc.StatusCode.RESOURCE_EXHAUSTED: "the registry is out of space or the input too big",
         grpc.StatusCode.DATA_LOSS: (

@@ -153,7 +153,8 @@ async def test_promotion_is_refused_naming_every_failed_gate_then_allowed(suite:
     )
     assert "production-baseline-gates" in denied.policy_ids
     verified = await suite.policy(SAM).VerifyAuditLog(policy_rpc.VerifyAuditLogRequest())
-    assert verified.verified and verified.checked_count >= 3
+    assert verified.verified
+    assert verified.checked_count >= 3
 
 
 async def test_the_creator_of_a_version_may_not_approve_it(suite: Suite) -> None:
