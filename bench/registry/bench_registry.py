@@ -391,6 +391,10 @@ def registry_process(
         **os.environ,
         "CONVEYOR_REGISTRY_LOG_LEVEL": "WARNING",
         "CONVEYOR_REGISTRY_SHUTDOWN_GRACE": "PT5S",
+        # The registry alone: this measures transfers and the store; what
+        # authentication and policy cost per call is bench/policy's subject.
+        "CONVEYOR_AUTH_MODE": "off",
+        "CONVEYOR_REGISTRY_PROMOTION_GATE": "off",
         **(extra_env or {}),
     }
     env.pop("CONVEYOR_REGISTRY_DATABASE_URL", None)

@@ -753,8 +753,7 @@ class AuditLog:
                     .where(audit_head.c.id == HEAD_ROW_ID)
                     .with_for_update()
                 ).one()
-                record = _sealed(draft, int(head.sequence) + 1, str(head.entry_hash))
-                body = canonical_json(record.document()).decode("utf-8")
+                record, body = _sealed(draft, int(head.sequence) + 1, str(head.entry_hash))
                 connection.execute(sa.insert(audit_entries).values(**_columns(record), body=body))
                 connection.execute(
                     sa.update(audit_head)
@@ -1005,9 +1004,13 @@ def _page_size(requested: int) -> int:
     return page_size(requested)
 
 
-def _sealed(draft: AuditRecord, sequence: int, previous_hash: str) -> AuditRecord:
+def _sealed(draft: AuditRecord, sequence: int, previous_hash: str) -> tuple[AuditRecord, str]:
+    """The entry at ``sequence`` and its stored body: the canonical JSON is made
+    once and both stored and hashed (it is the hot path of every decision)."""
     unsealed = dataclasses.replace(draft, sequence=sequence, previous_hash=previous_hash, hash="")
-    return dataclasses.replace(unsealed, hash=unsealed.computed_hash())
+    body = canonical_json(unsealed.document())
+    digest = hashlib.sha256(previous_hash.encode("ascii") + body).hexdigest()
+    return dataclasses.replace(unsealed, hash=digest), body.decode("utf-8")
 
 
 def _columns(record: AuditRecord) -> dict[str, Any]:

@@ -142,18 +142,24 @@ class LocalAuthorizer:
         context: Mapping[str, str],
     ) -> AuthorizationResult:
         key = self._cache.key(principal, action, resource, context)
-        cached = self._cache.get(key)
-        if cached is not None:
-            return cached
+        return await self._cache.get_or_fetch(
+            key, lambda: self._decide(principal, action, resource, context)
+        )
+
+    async def _decide(
+        self,
+        principal: Principal,
+        action: str,
+        resource: Resource,
+        context: Mapping[str, str],
+    ) -> AuthorizationResult:
         decision, record = await self._recorder.authorize(
             principal, action, resource, context, caller="service:policy"
         )
-        result = AuthorizationResult(
+        return AuthorizationResult(
             allowed=decision.allowed,
             decision_id=record.decision_id,
             policy_ids=tuple(decision.policy_ids),
             reasons=tuple(decision.reasons),
             cache_ttl=self._cache_ttl,
         )
-        self._cache.put(key, result, self._cache_ttl)
-        return result

@@ -10,11 +10,12 @@ answer, the call is refused (fail closed), never allowed.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Hashable, Mapping
+from collections.abc import Awaitable, Callable, Hashable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Protocol
@@ -69,6 +70,10 @@ class DecisionCache:
     At most ``max_entries`` answers (the least recently used go first), each
     for ``min(its ttl, max_ttl)``; an answer with no time to live is not kept.
     ``clock`` is monotonic seconds (tests move it). Used from one event loop.
+
+    :meth:`get_or_fetch` also joins concurrent misses for the same question into
+    one request: without it, N callers that miss at once would each ask (and
+    each be recorded in the audit log).
     """
 
     def __init__(
@@ -84,6 +89,7 @@ class DecisionCache:
         self.max_ttl = max_ttl
         self._clock = clock
         self._entries: OrderedDict[CacheKey, tuple[float, AuthorizationResult]] = OrderedDict()
+        self._in_flight: dict[CacheKey, asyncio.Task[AuthorizationResult]] = {}
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -121,6 +127,40 @@ class DecisionCache:
     def clear(self) -> None:
         """Forget every answer."""
         self._entries.clear()
+
+    async def get_or_fetch(
+        self, key: CacheKey, fetch: Callable[[], Awaitable[AuthorizationResult]]
+    ) -> AuthorizationResult:
+        """The cached answer, or the answer of the one ``fetch`` in flight for
+        ``key`` (started now if none is): concurrent misses share it, and its
+        failure reaches each of them. A caller cancelled while waiting does not
+        cancel the request the others wait for."""
+        cached = self.get(key)
+        if cached is not None:
+            return cached
+        task = self._in_flight.get(key)
+        if task is None:
+            task = asyncio.ensure_future(self._fetch_and_keep(key, fetch))
+            self._in_flight[key] = task
+            task.add_done_callback(lambda done: _consume_failure(done))
+        return await asyncio.shield(task)
+
+    async def _fetch_and_keep(
+        self, key: CacheKey, fetch: Callable[[], Awaitable[AuthorizationResult]]
+    ) -> AuthorizationResult:
+        try:
+            result = await fetch()
+            self.put(key, result)
+            return result
+        finally:
+            self._in_flight.pop(key, None)
+
+
+def _consume_failure(task: asyncio.Task[AuthorizationResult]) -> None:
+    # Every waiter sees the failure; if all of them were cancelled, asyncio would
+    # otherwise report it as never retrieved.
+    if not task.cancelled():
+        task.exception()
 
 
 def decision_cache_key(
@@ -173,9 +213,17 @@ class PolicyServiceAuthorizer:
         context: Mapping[str, str],
     ) -> AuthorizationResult:
         key = self.cache.key(principal, action, resource, context)
-        cached = self.cache.get(key)
-        if cached is not None:
-            return cached
+        return await self.cache.get_or_fetch(
+            key, lambda: self._ask(principal, action, resource, context)
+        )
+
+    async def _ask(
+        self,
+        principal: Principal,
+        action: str,
+        resource: Resource,
+        context: Mapping[str, str],
+    ) -> AuthorizationResult:
         request = policy_messages_pb2.AuthorizeRequest(
             principal=principal.to_proto(),
             action=action,
@@ -200,15 +248,13 @@ class PolicyServiceAuthorizer:
                 reason="POLICY_UNAVAILABLE",
                 metadata={"action": action, "failure": failure},
             ) from None
-        result = AuthorizationResult(
+        return AuthorizationResult(
             allowed=response.outcome == resources_pb2.OUTCOME_ALLOW,
             decision_id=response.decision_id,
             policy_ids=tuple(response.policy_ids),
             reasons=tuple(response.reasons),
             cache_ttl=response.cache_ttl.ToTimedelta(),
         )
-        self.cache.put(key, result)
-        return result
 
     async def close(self) -> None:
         """Close the channel this authorizer was given, if it was given one."""

@@ -3,9 +3,13 @@ its own time."""
 
 from __future__ import annotations
 
+import asyncio
 from datetime import timedelta
 
+import pytest
+
 from conveyor.shared.auth import AuthorizationResult, DecisionCache, Principal, Resource
+from conveyor.shared.errors import UnavailableError
 from tests.auth.support import ALICE, MALLORY, ManualClock
 
 MODEL = Resource(type="registry.conveyor.dev/Model", name="models/fraud", owner_team="team-a")
@@ -101,3 +105,63 @@ def test_each_part_of_the_question_is_in_the_key() -> None:
     assert len(set(others)) == len(others)
     same = DecisionCache.key(ALICE, "registry.GetModel", MODEL, {"authn_method": "jwt"})
     assert same == base
+
+
+async def test_concurrent_misses_for_one_question_share_one_request() -> None:
+    cache = DecisionCache(10, timedelta(seconds=10), clock=ManualClock())
+    release = asyncio.Event()
+    asked: list[str] = []
+
+    async def ask() -> AuthorizationResult:
+        asked.append("policy")
+        await release.wait()
+        return answer(decision="shared")
+
+    waiters = [asyncio.create_task(cache.get_or_fetch(key(), ask)) for _ in range(8)]
+    other = asyncio.create_task(cache.get_or_fetch(key(name="models/other"), ask))
+    await asyncio.sleep(0)
+    release.set()
+    results = await asyncio.gather(*waiters, other)
+
+    assert asked == ["policy", "policy"]  # one per distinct question
+    assert {r.decision_id for r in results} == {"shared"}
+    assert await cache.get_or_fetch(key(), ask) == answer(decision="shared")  # now cached
+    assert len(asked) == 2
+
+
+async def test_a_failed_request_fails_every_waiter_and_is_not_kept() -> None:
+    cache = DecisionCache(10, timedelta(seconds=10), clock=ManualClock())
+    calls = 0
+
+    async def unreachable() -> AuthorizationResult:
+        nonlocal calls
+        calls += 1
+        await asyncio.sleep(0)
+        raise UnavailableError("policy is down", reason="POLICY_UNAVAILABLE")
+
+    outcomes = await asyncio.gather(
+        *(cache.get_or_fetch(key(), unreachable) for _ in range(4)), return_exceptions=True
+    )
+    assert calls == 1
+    assert all(isinstance(o, UnavailableError) for o in outcomes)
+    with pytest.raises(UnavailableError):
+        await cache.get_or_fetch(key(), unreachable)  # asked again, not a cached failure
+    assert calls == 2
+
+
+async def test_a_cancelled_waiter_does_not_cancel_the_others() -> None:
+    cache = DecisionCache(10, timedelta(seconds=10), clock=ManualClock())
+    release = asyncio.Event()
+
+    async def ask() -> AuthorizationResult:
+        await release.wait()
+        return answer()
+
+    first = asyncio.create_task(cache.get_or_fetch(key(), ask))
+    second = asyncio.create_task(cache.get_or_fetch(key(), ask))
+    await asyncio.sleep(0)
+    first.cancel()
+    release.set()
+    assert (await second) == answer()
+    with pytest.raises(asyncio.CancelledError):
+        await first
