@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Iterator
+from datetime import UTC
 from pathlib import Path
 from typing import IO, Any
 
@@ -87,11 +88,15 @@ def _records(lines: Iterable[str]) -> Iterator[AuditRecord]:
         if not line.strip():
             continue
         try:
-            document: dict[str, Any] = json.loads(line)
+            document: object = json.loads(line)
         except ValueError:
             raise InvalidArgumentError(
                 f"line {number} of the export is not JSON", reason="BAD_AUDIT_EXPORT"
             ) from None
+        if not isinstance(document, dict):
+            raise InvalidArgumentError(
+                f"line {number} of the export is not a JSON object", reason="BAD_AUDIT_EXPORT"
+            )
         yield record_from_json(document)
 
 
@@ -113,7 +118,7 @@ def record_from_json(document: dict[str, Any]) -> AuditRecord:
             ),
             key_id=message.key_id,
             signature=message.signature,
-            sign_time=message.sign_time.ToDatetime().astimezone(),
+            sign_time=message.sign_time.ToDatetime(tzinfo=UTC),
         )
     return AuditRecord.from_document(body, hash=entry_hash, signature=signature)
 

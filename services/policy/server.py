@@ -136,6 +136,36 @@ async def build_server(
     return server
 
 
+_APPROVAL_TYPES = ("policy.conveyor.dev/Approval", "registry.conveyor.dev/ModelVersion")
+_AUDIT_TYPES = (
+    "policy.conveyor.dev/Decision",
+    "policy.conveyor.dev/AuditLog",
+    "policy.conveyor.dev/PolicySet",
+)
+_METHOD_RESOURCE_TYPES: dict[str, tuple[str, ...]] = {
+    # The resource types each method's action applies to (policies/schema.cedarschema).
+    "CreateApproval": _APPROVAL_TYPES,
+    "GetApproval": _APPROVAL_TYPES,
+    "ListApprovals": _APPROVAL_TYPES,
+    "RevokeApproval": _APPROVAL_TYPES,
+    "Authorize": (
+        "policy.conveyor.dev/Decision",
+        "registry.conveyor.dev/Model",
+        "registry.conveyor.dev/ModelVersion",
+    ),
+    "EvaluatePromotion": (
+        "registry.conveyor.dev/ModelVersion",
+        "registry.conveyor.dev/Model",
+        "policy.conveyor.dev/Decision",
+    ),
+    "GetDecision": _AUDIT_TYPES,
+    "ListDecisions": _AUDIT_TYPES,
+    "VerifyAuditLog": ("policy.conveyor.dev/AuditLog", *_AUDIT_TYPES),
+    "ExportAuditLog": ("policy.conveyor.dev/AuditLog", *_AUDIT_TYPES),
+    "GetPolicySet": ("policy.conveyor.dev/PolicySet", *_AUDIT_TYPES),
+}
+
+
 def policy_resolver(registry: RegistryReader) -> ResourceResolver:
     """Names a policy call's resource; a model, version or approval carries its
     model's owner team, risk tier and compliance tags, read from the registry
@@ -143,6 +173,12 @@ def policy_resolver(registry: RegistryReader) -> ResourceResolver:
 
     async def resolve(method: str, request: Message) -> Resource:
         resource = default_resource("policy", method, request)
+        applies = _METHOD_RESOURCE_TYPES.get(method)
+        if applies and resource.type not in applies:
+            # A name of the wrong kind (a model where a version belongs): let the
+            # policies decide on the method's own kind, so that the method answers
+            # INVALID_ARGUMENT instead of a deny the policies could not decide.
+            resource = replace(resource, type=applies[0])
         segments = resource.name.split("/")
         if len(segments) < 2 or segments[0] != "models" or segments[1] == "-":
             return resource

@@ -37,7 +37,9 @@ from conveyor.shared.errors import (
     PermissionDeniedError,
 )
 from conveyor.shared.filtering import FieldKind, FilterField, parse_filter
+from conveyor.shared.pagination import page_size
 from conveyor.shared.secrets import SecretStore
+from conveyor.shared.workers import WorkerThreads
 
 EXPORT_CHUNK = 200
 DEFAULT_DECISIONS_PAGE = 100
@@ -53,7 +55,7 @@ DECISION_FILTER_FIELDS = {
     "principal.id": FilterField(FieldKind.STRING),
     "action": FilterField(FieldKind.STRING),
     "resource.name": FilterField(FieldKind.STRING),
-    "outcome": FilterField(FieldKind.ENUM, enum_values=set(_OUTCOMES)),
+    "outcome": FilterField(FieldKind.ENUM, enum_values={*_OUTCOMES, "OUTCOME_UNSPECIFIED"}),
     "kind": FilterField(FieldKind.ENUM, enum_values=set(_KINDS)),
     "trace_id": FilterField(FieldKind.STRING),
     "create_time": FilterField(FieldKind.TIMESTAMP),
@@ -101,7 +103,7 @@ class PolicyServicer(policy_service_pb2_grpc.PolicyServiceServicer):
         self._decision_cache_ttl = decision_cache_ttl
 
     @property
-    def _workers(self) -> Any:
+    def _workers(self) -> WorkerThreads:
         return self._recorder.workers
 
     # Decisions -----------------------------------------------------------------
@@ -136,13 +138,16 @@ class PolicyServicer(policy_service_pb2_grpc.PolicyServiceServicer):
         asking = caller(context)
         requester = asking
         if request.HasField("requester"):
-            requester = _principal(request.requester, "requester")
-            if requester.text != asking.text and asking.kind != "service":
+            named = _principal(request.requester, "requester")
+            if asking.kind == "service":
+                requester = named  # an enforcement point passes its caller's principal
+            elif named.text != asking.text:
                 raise PermissionDeniedError(
                     "only a service identity may evaluate a promotion on behalf of "
-                    f"another principal ({requester.text})",
+                    f"another principal ({named.text})",
                     reason="REQUESTER_NOT_ALLOWED",
                 )
+            # A person naming themself keeps the roles and team their credentials carry.
         facts = await self._facts(version_name, alias)
         evaluation = await self._workers.run(
             lambda: evaluate_promotion(
@@ -272,9 +277,12 @@ class PolicyServicer(policy_service_pb2_grpc.PolicyServiceServicer):
 
     async def ListDecisions(self, request: rpc.ListDecisionsRequest, context: Any) -> Any:
         arguments = _decision_filter(request.filter)
-        order = request.order_by.strip()
+        order = " ".join(request.order_by.split())
         if order not in ("", "sequence", "sequence asc", "sequence desc"):
             raise _invalid("order_by", "'sequence' (oldest first) or 'sequence desc'")
+        if arguments is None:
+            page_size(request.page_size)  # a negative size is refused all the same
+            return rpc.ListDecisionsResponse()
         records, token = await self._workers.run(
             lambda: self._recorder.audit.list(
                 **arguments,
@@ -349,30 +357,39 @@ def verification_response(result: VerificationResult) -> rpc.VerifyAuditLogRespo
     return response
 
 
-def _decision_filter(text: str) -> dict[str, Any]:
-    """``AuditLog.list`` keyword arguments for an AIP-160 filter."""
+def _decision_filter(text: str) -> dict[str, Any] | None:
+    """``AuditLog.list`` keyword arguments for an AIP-160 filter; None when the
+    restrictions cannot all hold (``outcome = OUTCOME_UNSPECIFIED``, or one field
+    equal to two different values), so nothing matches."""
     arguments: dict[str, Any] = {}
     for restriction in parse_filter(text, DECISION_FILTER_FIELDS):
         field, op, value = restriction.field, restriction.op, restriction.value
         if field == "create_time":
             assert isinstance(value, datetime)
             if op in (">=", ">"):
-                arguments["start_time"] = value + (_ONE_MICROSECOND if op == ">" else timedelta(0))
+                start = value + (_ONE_MICROSECOND if op == ">" else timedelta(0))
+                arguments["start_time"] = max(start, arguments.get("start_time", start))
             elif op in ("<", "<="):
-                arguments["end_time"] = value + (_ONE_MICROSECOND if op == "<=" else timedelta(0))
+                end = value + (_ONE_MICROSECOND if op == "<=" else timedelta(0))
+                arguments["end_time"] = min(end, arguments.get("end_time", end))
             else:
                 raise _invalid("filter", "create_time takes <, <=, > or >=")
             continue
         if op != "=":
             raise _invalid("filter", f"{field} takes '=' (a trailing * on resource.name: prefix)")
         if field == "outcome":
-            arguments["result"] = _OUTCOMES[str(value)]
+            if str(value) not in _OUTCOMES:
+                return None  # OUTCOME_UNSPECIFIED: never recorded
+            key, wanted = "result", _OUTCOMES[str(value)]
         elif field == "kind":
-            arguments["kind"] = _KINDS[str(value)]
+            key, wanted = "kind", _KINDS[str(value)]
         elif str(value).endswith("*") and field != "resource.name":
             raise _invalid("filter", f"only resource.name matches a prefix with '*', not {field}")
         else:
-            arguments[_LIST_ARGUMENTS[field]] = str(value)
+            key, wanted = _LIST_ARGUMENTS[field], str(value)
+        if arguments.get(key, wanted) != wanted:
+            return None
+        arguments[key] = wanted
     return arguments
 
 
@@ -403,7 +420,8 @@ def _policy_set_id(name: str) -> str:
     match = _POLICY_SET_NAME.match(name)
     if not match:
         raise _invalid(
-            "name", f"expected policySets/{{sha256 digest}} or policySets/current, got {name[:100]!r}"
+            "name",
+            f"expected policySets/{{sha256 digest}} or policySets/current, got {name[:100]!r}",
         )
     return match["id"]
 
@@ -422,8 +440,10 @@ def _model_and_version(version_name: str) -> tuple[str, int]:
 
 
 def _check_range(start: int, end: int) -> None:
-    if start < 0 or end < 0:
+    if start < 0:
         raise _invalid("start_sequence", "sequence numbers are not negative")
+    if end < 0:
+        raise _invalid("end_sequence", "sequence numbers are not negative")
     if end and start > end:
         raise _invalid("end_sequence", f"ends ({end}) before it starts ({start})")
 

@@ -16,7 +16,8 @@ from conveyor.registry.v1 import registry_messages_pb2 as rpc
 from conveyor.registry.v1 import resources_pb2 as pb
 from conveyor.shared.auth.principal import Principal
 from conveyor.shared.errors import FailedPreconditionError
-from tests.support.registry import create_model, create_version, expect_error, refused
+from tests.support.policy import governed_model
+from tests.support.registry import create_version, expect_error, refused
 from tests.support.suite import ALICE, BOB, CAROL, ERIN, MALLORY, SAM, Suite, running_suite
 
 DAVE = Principal("user", "dave", ("ml_engineer", "approver"), "team-a")
@@ -28,25 +29,6 @@ RETENTION_CARD = "# Fraud model\n\n## Data retention\nInputs are kept 30 days.\n
 async def suite(tmp_path: Path) -> AsyncIterator[Suite]:
     async with running_suite(tmp_path) as running:
         yield running
-
-
-async def a_governed_model(
-    suite: Suite, model_id: str = "fraud", risk: int = pb.RISK_TIER_MEDIUM
-) -> None:
-    await create_model(
-        suite.registry(ERIN),
-        model_id,
-        owner_team="team-a",
-        risk_tier=risk,
-        compliance_tags=["gdpr"],
-        promotion_thresholds=[
-            pb.MetricThreshold(
-                metric="accuracy",
-                comparison=pb.THRESHOLD_COMPARISON_GREATER_OR_EQUAL,
-                value=0.9,
-            )
-        ],
-    )
 
 
 async def attach_explanation(suite: Suite, version: str) -> None:
@@ -89,7 +71,7 @@ async def promotion_decisions(suite: Suite) -> list[policy_pb.Decision]:
 
 
 async def test_promotion_is_refused_naming_every_failed_gate_then_allowed(suite: Suite) -> None:
-    await a_governed_model(suite)
+    await governed_model(suite)
     weak = await create_version(suite.registry(ALICE), "fraud", b"weak", metrics={"accuracy": 0.85})
 
     refusal = await refused(
@@ -158,7 +140,7 @@ async def test_promotion_is_refused_naming_every_failed_gate_then_allowed(suite:
 
 
 async def test_the_creator_of_a_version_may_not_approve_it(suite: Suite) -> None:
-    await a_governed_model(suite)
+    await governed_model(suite)
     version = await create_version(suite.registry(DAVE), "fraud", b"v", metrics={"accuracy": 0.95})
     error = await refused(approve(suite, DAVE, version.name), grpc.StatusCode.PERMISSION_DENIED)
     assert error.reason == "FOUR_EYES"
@@ -169,7 +151,7 @@ async def test_the_creator_of_a_version_may_not_approve_it(suite: Suite) -> None
 
 async def test_approvals_by_creators_do_not_count(suite: Suite) -> None:
     """Even an approval recorded for someone listed as an author does not count."""
-    await a_governed_model(suite)
+    await governed_model(suite)
     version = await create_version(
         suite.registry(ERIN),
         "fraud",
@@ -189,7 +171,7 @@ async def test_approvals_by_creators_do_not_count(suite: Suite) -> None:
 
 
 async def test_high_risk_needs_two_distinct_approvers(suite: Suite) -> None:
-    await a_governed_model(suite, "credit", pb.RISK_TIER_HIGH)
+    await governed_model(suite, "credit", pb.RISK_TIER_HIGH)
     version = await create_version(
         suite.registry(ALICE),
         "credit",
@@ -219,7 +201,7 @@ async def test_high_risk_needs_two_distinct_approvers(suite: Suite) -> None:
 
 
 async def test_revoked_approvals_stop_counting(suite: Suite) -> None:
-    await a_governed_model(suite)
+    await governed_model(suite)
     version = await create_version(
         suite.registry(ALICE), "fraud", b"v", metrics={"accuracy": 0.95}, model_card=RETENTION_CARD
     )
@@ -237,7 +219,7 @@ async def test_revoked_approvals_stop_counting(suite: Suite) -> None:
 
 
 async def test_a_data_scientist_cannot_alias_another_teams_model(suite: Suite) -> None:
-    await a_governed_model(suite)
+    await governed_model(suite)
     version = await create_version(suite.registry(ALICE), "fraud", b"v")
     staging = rpc.SetAliasRequest(
         name="models/fraud/aliases/staging", version=version.name, reason="try"

@@ -14,13 +14,16 @@ from typing import TYPE_CHECKING
 
 import grpc
 
+from conveyor.policy.v1 import policy_messages_pb2 as policy_rpc
 from conveyor.policy.v1 import policy_service_pb2_grpc
+from conveyor.policy.v1 import resources_pb2 as policy_pb
+from conveyor.registry.v1 import resources_pb2 as pb
 from conveyor.shared.auth.principal import Principal
 from conveyor.shared.channel import create_channel
 from conveyor.shared.errors import InvalidArgumentError
 from conveyor.shared.health import serving_status
-from tests.support.registry import refused
-from tests.support.suite import Suite
+from tests.support.registry import create_model, create_version, refused
+from tests.support.suite import ALICE, ERIN, Suite
 
 if TYPE_CHECKING:
     from conveyor.policy.v1.policy_service_pb2_grpc import PolicyServiceAsyncStub
@@ -76,3 +79,47 @@ def sqlite(path: Path) -> Iterator[sqlite3.Connection]:
     """A connection to a service's database that commits on success."""
     with closing(sqlite3.connect(path, timeout=10)) as connection, connection:
         yield connection
+
+
+async def governed_model(
+    suite: Suite, model_id: str = "fraud", risk: int = pb.RISK_TIER_MEDIUM
+) -> None:
+    """A team A model with an accuracy threshold of 0.9 and a GDPR tag."""
+    await create_model(
+        suite.registry(ERIN),
+        model_id,
+        owner_team="team-a",
+        risk_tier=risk,
+        compliance_tags=["gdpr"],
+        promotion_thresholds=[
+            pb.MetricThreshold(
+                metric="accuracy", comparison=pb.THRESHOLD_COMPARISON_GREATER_OR_EQUAL, value=0.9
+            )
+        ],
+    )
+
+
+async def team_a_model(
+    suite: Suite, model_id: str = "fraud", risk: int = pb.RISK_TIER_MEDIUM
+) -> pb.ModelVersion:
+    """A :func:`governed_model` and its first version (accuracy 0.95)."""
+    await governed_model(suite, model_id, risk)
+    return await create_version(suite.registry(ALICE), model_id, b"v1", metrics={"accuracy": 0.95})
+
+
+def authorize_request(
+    principal: Principal = ALICE,
+    action: str = "registry.SetAlias",
+    resource_type: str = "registry.conveyor.dev/Model",
+    resource_name: str = "models/fraud",
+    **context: object,
+) -> policy_rpc.AuthorizeRequest:
+    """A question a service asks about ``principal`` (context: an alias change
+    to ``staging`` unless given)."""
+    request = policy_rpc.AuthorizeRequest(
+        principal=principal.to_proto(),
+        action=action,
+        resource=policy_pb.Resource(name=resource_name, type=resource_type, owner_team="team-a"),
+    )
+    request.context.update(context or {"alias": "staging"})
+    return request
