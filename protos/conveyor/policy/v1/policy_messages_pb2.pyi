@@ -509,11 +509,10 @@ class ListDecisionsRequest(_message.Message):
     """
     filter: _builtins.str
     """Optional. An AIP-160 filter: comparisons joined with AND over
-    `principal.id`, `principal.team`, `action`, `resource.name`,
-    `resource.type`, `resource.owner_team`, `outcome`, `kind`, `trace_id`
-    (with `=` and `!=`; a trailing `*` in a string matches a prefix) and
-    `create_time` (with `<`, `<=`, `>`, `>=` and an RFC 3339 time), for
-    example `principal.id = "alice" AND outcome = OUTCOME_DENY
+    `principal.id`, `action`, `resource.name`, `outcome`, `kind` and
+    `trace_id` (with `=`; a trailing `*` in `resource.name` matches a
+    prefix) and `create_time` (with `<`, `<=`, `>`, `>=` and an RFC 3339
+    time), for example `principal.id = "alice" AND outcome = OUTCOME_DENY
     AND create_time >= "2026-11-01T00:00:00Z"`. Anything else is
     INVALID_ARGUMENT.
     """
