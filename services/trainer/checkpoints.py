@@ -61,21 +61,26 @@ def save_checkpoint(
     )
 
 
-def load_checkpoint(path: Path, *, map_location: torch.device | str = "cpu") -> dict[str, Any]:
-    """The payload saved at ``path`` (``weights_only=True``).
+def load_checkpoint(
+    source: Path | bytes, *, map_location: torch.device | str = "cpu"
+) -> dict[str, Any]:
+    """The payload saved at ``source`` (a path, or a checkpoint file's bytes),
+    loaded with ``weights_only=True``.
 
     DATA_LOSS (reason ``CHECKPOINT_CORRUPT``) when it cannot be read back.
     """
+    name = source.name if isinstance(source, Path) else "checkpoint"
+    readable = source if isinstance(source, Path) else io.BytesIO(source)
     try:
-        loaded = torch.load(path, weights_only=True, map_location=map_location)
+        loaded = torch.load(readable, weights_only=True, map_location=map_location)
     except (RuntimeError, pickle.UnpicklingError, EOFError, zipfile.BadZipFile) as error:
         raise DataLossError(
-            f"checkpoint {path.name} is unreadable ({type(error).__name__})",
+            f"checkpoint {name} is unreadable ({type(error).__name__})",
             reason="CHECKPOINT_CORRUPT",
         ) from error
     if not isinstance(loaded, dict) or loaded.get("format") != CHECKPOINT_FORMAT:
         raise DataLossError(
-            f"checkpoint {path.name} is not a trainer checkpoint", reason="CHECKPOINT_CORRUPT"
+            f"checkpoint {name} is not a trainer checkpoint", reason="CHECKPOINT_CORRUPT"
         )
     return loaded
 

@@ -20,6 +20,57 @@ data, builds the model and trains it in this process:
 - **Devices.** CUDA with automatic mixed precision (float16 with a gradient
   scaler) when the spec resolves to CUDA, the CPU otherwise.
 - **Early stopping** on a validation metric keeps the best epoch's weights.
+- **Distributed data parallel.** A spec with ``world_size`` W > 1 trains in W
+  processes started by the launcher (:mod:`.distributed`), each calling
+  :func:`train` after joining the process group; see "Distributed training"
+  below.
+
+Distributed training
+--------------------
+The model is wrapped in ``DistributedDataParallel`` (Gloo on the CPU, NCCL on
+CUDA), and the run is built to give, up to floating-point summation order,
+the weights one process would give for the same spec:
+
+- **Global batches.** ``batch_size`` is the global batch: every rank draws
+  the same seeded permutation (the shuffle generator has the same seed and
+  state on every rank), cuts it into the same global batches as one process
+  would, and takes its shard of each, the batch's examples ``rank``,
+  ``rank + W``, ... (as ``DistributedSampler`` interleaves). Validation
+  requires W to divide ``batch_size``, so a full batch gives every rank
+  ``batch_size / W`` examples. Augmentation is drawn for the whole global
+  batch on every rank before sharding, so it is the single-process draw and
+  the generator stays identical on every rank.
+- **Exact gradients, no padding.** Each rank's loss is its shard's summed
+  cross-entropy times ``W / n`` for a global batch of ``n`` examples, so the
+  gradient DDP averages over the ranks is the gradient of the global batch's
+  mean loss, even for a trailing batch that does not divide evenly (shards
+  then differ by at most one example). Nothing is padded (padding would count
+  some examples twice) and nothing more is dropped than one process drops,
+  except that a trailing global batch too small to give every rank an
+  example (two examples with batch normalisation, which cannot train on one)
+  is dropped on every rank alike; for W = 2 without batch normalisation
+  that is exactly the single-process rule (a trailing batch of one is
+  dropped). Every rank runs the same number of steps, so the collectives
+  stay in step.
+- **What still differs.** Batch normalisation (ResNet-18) normalises each
+  shard by its own statistics (running statistics are rank 0's, broadcast
+  by DDP before every forward pass); dropout masks are drawn per rank (the
+  global generator is reseeded from the seed, the rank and the epoch at
+  every epoch's start, so resume stays exact); with neither, only the order
+  of floating-point sums differs from one process.
+- **Metrics.** Every step's loss sum, correct count and example count are
+  summed over the ranks, so progress, the epoch's train metrics and the
+  divergence check (NaN loss) are global and identical on every rank.
+  Validation runs on rank 0, which broadcasts the metrics and its
+  early-stopping decision: every rank stops after the same epoch.
+- **Checkpoints.** Only rank 0 writes them (the other ranks' ``checkpoint_path``
+  is not written) and only rank 0 should be given an ``observer``. On resume
+  rank 0 reads its checkpoint and broadcasts the bytes, so every rank loads
+  the same state even where the others cannot see rank 0's file.
+- **Cancellation.** Before every step (and before validation) the ranks
+  agree whether any of them was asked to stop (one small all-reduce): a
+  cancel seen by any rank stops every rank before the next step, each
+  raising :class:`TrainingCancelled` with the same ``global_step``.
 """
 
 from __future__ import annotations
@@ -38,8 +89,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 from torch.nn import functional
+from torch.nn.parallel import DistributedDataParallel
 
+from conveyor.services.trainer import distributed
 from conveyor.services.trainer.architectures import Classifier, build_model
 from conveyor.services.trainer.augmentation import augment_batch
 from conveyor.services.trainer.checkpoints import load_checkpoint, save_checkpoint
@@ -141,15 +195,20 @@ def train(
     Raises InvalidArgumentError for a bad spec before any work,
     :class:`TrainingCancelled` when cancelled, :class:`NonFiniteLossError`
     when the loss diverges.
+
+    A spec with ``world_size`` W > 1 needs this process to be one of W ranks
+    of an initialised process group of the spec's backend
+    (:func:`.distributed.init_from_environment`); every rank calls
+    :func:`train` with the same spec and data, and rank 0's
+    ``checkpoint_path`` and ``observer`` are the ones used (module docstring).
+    FAILED_PRECONDITION with reason ``DISTRIBUTED_LAUNCH_REQUIRED`` when there
+    is no group, ``WORLD_SIZE_MISMATCH`` or ``BACKEND_MISMATCH`` when the
+    group is not the spec's.
     """
     resolved = validate_training_spec(
         spec, dataset.schema, cuda_available=torch.cuda.is_available()
     )
-    if resolved.world_size != 1:
-        raise FailedPreconditionError(
-            "world_size > 1 trains in processes started by the distributed launcher",
-            reason="DISTRIBUTED_LAUNCH_REQUIRED",
-        )
+    group = _process_group(resolved)
     splits = split_dataset(dataset, spec.data)
     device = select_device(resolved.device)
     with _deterministic(device):
@@ -157,12 +216,40 @@ def train(
             resolved,
             splits,
             device,
+            group=group,
             checkpoint_path=checkpoint_path,
             observer=observer or TrainingObserver(),
             should_cancel=should_cancel or (lambda: False),
             clock=clock,
         )
         return run.execute(code_revision or _package_version())
+
+
+def _process_group(spec: ResolvedSpec) -> distributed.ProcessRank | None:
+    """The group to train in: None for one process; checked against the spec."""
+    group = distributed.current_group()
+    size = group.world_size if group is not None else 1
+    if spec.world_size == 1 and size == 1:
+        return None
+    if group is None:
+        raise FailedPreconditionError(
+            "world_size > 1 trains in processes started by the distributed launcher",
+            reason=distributed.LAUNCH_REQUIRED,
+        )
+    if size != spec.world_size:
+        raise FailedPreconditionError(
+            f"the spec's world_size is {spec.world_size} and the process group has "
+            f"{size} processes",
+            reason="WORLD_SIZE_MISMATCH",
+        )
+    expected = distributed.BACKEND_NAMES[spec.backend]
+    if distributed.group_backend() != expected:
+        raise FailedPreconditionError(
+            f"the spec's backend is {expected} and the process group's is "
+            f"{distributed.group_backend()}",
+            reason="BACKEND_MISMATCH",
+        )
+    return group
 
 
 def training_result(
@@ -198,6 +285,7 @@ class _Run:
         splits: DatasetSplits,
         device: torch.device,
         *,
+        group: distributed.ProcessRank | None = None,
         checkpoint_path: Path | None,
         observer: TrainingObserver,
         should_cancel: Callable[[], bool],
@@ -206,6 +294,9 @@ class _Run:
         self.spec = spec
         self.splits = splits
         self.device = device
+        self.group = group
+        self.rank = group.rank if group is not None else 0
+        self.world_size = group.world_size if group is not None else 1
         self.checkpoint_path = checkpoint_path
         self.observer = observer
         self.should_cancel = should_cancel
@@ -216,6 +307,23 @@ class _Run:
         self.model = build_model(spec.architecture, dropout=spec.dropout)
         self.model.fit_normalization(torch.from_numpy(np.array(splits.train.features)))
         self.model.to(device)
+        has_batch_norm = any(
+            isinstance(module, nn.modules.batchnorm._BatchNorm) for module in self.model.modules()
+        )
+        # What a training step runs: DDP's wrapper, whose backward pass averages
+        # the gradients over the ranks; the same parameters as ``self.model``.
+        # Only batch norm's running statistics change during training: DDP
+        # broadcasts rank 0's before every forward pass then, and never otherwise.
+        self.module: nn.Module = self.model
+        if group is not None:
+            self.module = DistributedDataParallel(
+                self.model,
+                device_ids=[device.index] if device.type == "cuda" else None,
+                forward_sync_buffers=has_batch_norm,
+            )
+        # One process drops a trailing batch of one example; with ranks, a trailing
+        # batch that cannot give every rank an example (two with batch norm) too.
+        self.smallest_batch = max(2, self.world_size * (2 if has_batch_norm else 1))
         self.optimizer = _optimizer(spec, self.model)
         self.scaler = torch.amp.GradScaler("cuda") if self.amp else None
         self.shuffle = torch.Generator().manual_seed(_derived_seed(spec.seed, "shuffle"))
@@ -235,8 +343,9 @@ class _Run:
 
     def execute(self, code_revision: str) -> TrainingOutcome:
         resumed_from = 0
-        if self.checkpoint_path is not None and self.checkpoint_path.exists():
-            self._restore(load_checkpoint(self.checkpoint_path))
+        checkpoint = self._read_checkpoint()
+        if checkpoint is not None:
+            self._restore(load_checkpoint(checkpoint))
             resumed_from = self.epoch
         while self.epoch < self.spec.epochs and not self.early.stopped:
             self._train_epoch(self.epoch + 1)
@@ -258,11 +367,23 @@ class _Run:
             device=self.device,
         )
 
+    def _read_checkpoint(self) -> Path | bytes | None:
+        """Rank 0's checkpoint, if any: its path alone, its bytes with ranks."""
+        path = self.checkpoint_path
+        if self.group is None:
+            return path if path is not None and path.exists() else None
+        data = path.read_bytes() if self.rank == 0 and path is not None and path.exists() else None
+        return distributed.broadcast_from_rank_zero(data)
+
     def _train_epoch(self, epoch: int) -> None:
         self.model.train()
         count = len(self.train_y)
-        batches = _batch_bounds(count, self.spec.batch_size)
+        batches = _batch_bounds(count, self.spec.batch_size, self.smallest_batch)
         permutation = torch.randperm(count, generator=self.shuffle).to(self.device)
+        if self.group is not None:
+            # Dropout masks differ per rank, and depend only on the seed, the rank and
+            # the epoch: a resumed run draws what the uninterrupted one drew.
+            torch.manual_seed(_derived_seed(self.spec.seed, f"dropout:{self.rank}:{epoch}"))
         epoch_started = self.clock()
         # Throughput counts training steps only, not the validation between epochs.
         self.window.clear()
@@ -271,17 +392,19 @@ class _Run:
         for step, (start, end) in enumerate(batches, start=1):
             self._check_cancel(epoch)
             chosen = permutation[start:end]
-            loss, hits = self._step(self.train_x[chosen], self.train_y[chosen])
-            loss_sum += loss * (end - start)
+            loss, hits, examples = self._step(self.train_x[chosen], self.train_y[chosen])
+            loss_sum += loss
             correct += hits
-            seen += end - start
+            seen += examples
             self.global_step += 1
-            self.samples_seen += end - start
+            self.samples_seen += examples
             self.window.append((self.clock(), self.samples_seen))
             self.observer.on_step(self._progress(epoch, step, len(batches), loss_sum / seen))
         train_seconds = self.clock() - epoch_started
         self._check_cancel(epoch)
-        validation = self._validation_metrics()
+        validation = self._validation_metrics() if self.rank == 0 else {}
+        if self.group is not None:
+            validation = distributed.broadcast_from_rank_zero(validation)
         summary = pb.EpochSummary(
             epoch=epoch,
             train_loss=loss_sum / seen,
@@ -292,11 +415,11 @@ class _Run:
         summary.validation_metrics.update(validation)
         summary.duration.FromTimedelta(timedelta(seconds=self.clock() - epoch_started))
         self.history.append(summary)
-        self._update_early_stopping(epoch, validation)
+        self._decide_early_stopping(epoch, validation)
         self.epoch = epoch
         progress = self._progress(epoch, len(batches), len(batches), summary.train_loss)
         self.observer.on_epoch(summary, progress)
-        if self.checkpoint_path is not None:
+        if self.checkpoint_path is not None and self.rank == 0:
             info = save_checkpoint(
                 self.checkpoint_path,
                 self._checkpoint_payload(),
@@ -305,23 +428,51 @@ class _Run:
             )
             self.observer.on_checkpoint(info)
 
-    def _step(self, features: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
+    def _step(self, features: torch.Tensor, labels: torch.Tensor) -> tuple[float, int, int]:
+        """One optimisation step on a global batch: its loss sum, hits and size."""
         if self.spec.augmentation is not None:
+            # The whole global batch on every rank: the single-process draw.
             features = augment_batch(
                 features, self.spec.augmentation, self.augment, self.model.input_std
             )
+        batch = len(labels)
+        if self.group is not None:
+            features = features[self.rank :: self.world_size]
+            labels = labels[self.rank :: self.world_size]
         self.optimizer.zero_grad(set_to_none=True)
         autocast = (
             torch.autocast("cuda", dtype=torch.float16) if self.amp else contextlib.nullcontext()
         )
         with autocast:
-            logits = self.model(features)
-            loss = functional.cross_entropy(logits.float(), labels)
-        value = float(loss.item())
-        if not math.isfinite(value):
+            logits = self.module(features)
+            if self.group is None:
+                loss = functional.cross_entropy(logits.float(), labels)
+            else:
+                # DDP divides the summed gradients by W: scaled so, the gradient is
+                # the global batch's mean loss's, however the batch was sharded.
+                shard_sum = functional.cross_entropy(logits.float(), labels, reduction="sum")
+                loss = shard_sum * (self.world_size / batch)
+        hits = int((logits.argmax(dim=1) == labels).sum().item())
+        if self.group is None:
+            value = float(loss.item())
+            if not math.isfinite(value):
+                raise NonFiniteLossError(
+                    f"the training loss became {value} at step {self.global_step + 1}"
+                )
+            self._optimize(loss)
+            return value * batch, hits, batch
+        self._optimize(loss)
+        loss_sum, total_hits, examples = distributed.all_reduce_sum(
+            [float(shard_sum.item()), hits, len(labels)], self.device
+        )
+        # Identical on every rank, so every rank raises here or none does.
+        if not math.isfinite(loss_sum):
             raise NonFiniteLossError(
-                f"the training loss became {value} at step {self.global_step + 1}"
+                f"the training loss became {loss_sum / examples} at step {self.global_step + 1}"
             )
+        return loss_sum, int(total_hits), int(examples)
+
+    def _optimize(self, loss: torch.Tensor) -> None:
         if self.scaler is not None:
             torch.autograd.backward(self.scaler.scale(loss))
             self.scaler.step(self.optimizer)
@@ -329,10 +480,13 @@ class _Run:
         else:
             torch.autograd.backward(loss)
             self.optimizer.step()
-        return value, int((logits.argmax(dim=1) == labels).sum().item())
 
     def _check_cancel(self, epoch: int) -> None:
-        if self.should_cancel():
+        cancel = self.should_cancel()
+        if self.group is not None:
+            # Any rank's cancel stops every rank here, before the same step.
+            cancel = distributed.any_rank(cancel, self.device)
+        if cancel:
             raise TrainingCancelled(epoch, self.global_step)
 
     def _validation_metrics(self) -> dict[str, float]:
@@ -342,6 +496,38 @@ class _Run:
         # The validation loss is the mean cross-entropy: log-loss by another name.
         metrics["loss"] = metrics["log_loss"]
         return metrics
+
+    def _decide_early_stopping(self, epoch: int, metrics: dict[str, float]) -> None:
+        """Rank 0 decides; the other ranks take its decision (and their own copy
+        of the weights, identical to rank 0's, when the epoch improved)."""
+        if self.spec.early_stopping is None:
+            return
+        if self.rank == 0:
+            self._update_early_stopping(epoch, metrics)
+        if self.group is None:
+            return
+        decision = distributed.broadcast_from_rank_zero(
+            (
+                self.early.best_value,
+                self.early.best_epoch,
+                self.early.epochs_without_improvement,
+                self.early.stopped,
+            )
+        )
+        if self.rank != 0:
+            best_value, best_epoch, without_improvement, stopped = decision
+            if best_epoch == epoch:
+                self.early.best_model = self._weights_copy()
+            self.early.best_value = best_value
+            self.early.best_epoch = best_epoch
+            self.early.epochs_without_improvement = without_improvement
+            self.early.stopped = stopped
+
+    def _weights_copy(self) -> dict[str, torch.Tensor]:
+        return {
+            key: tensor.detach().to("cpu", copy=True)
+            for key, tensor in self.model.state_dict().items()
+        }
 
     def _update_early_stopping(self, epoch: int, metrics: dict[str, float]) -> None:
         rule = self.spec.early_stopping
@@ -357,10 +543,7 @@ class _Run:
             self.early.best_value = value
             self.early.best_epoch = epoch
             self.early.epochs_without_improvement = 0
-            self.early.best_model = {
-                key: tensor.detach().to("cpu", copy=True)
-                for key, tensor in self.model.state_dict().items()
-            }
+            self.early.best_model = self._weights_copy()
         else:
             self.early.epochs_without_improvement += 1
             self.early.stopped = self.early.epochs_without_improvement >= rule.patience
@@ -481,11 +664,12 @@ def _optimizer(spec: ResolvedSpec, model: Classifier) -> torch.optim.Optimizer:
     return torch.optim.Adam(parameters, lr=spec.learning_rate, weight_decay=spec.weight_decay)
 
 
-def _batch_bounds(count: int, batch_size: int) -> list[tuple[int, int]]:
+def _batch_bounds(count: int, batch_size: int, smallest: int = 2) -> list[tuple[int, int]]:
     bounds = [(start, min(start + batch_size, count)) for start in range(0, count, batch_size)]
-    # A trailing batch of one example is dropped when there are others: batch
-    # normalisation (ResNet-18) cannot train on a single example.
-    if len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] == 1:
+    # A trailing batch smaller than ``smallest`` is dropped when there are others:
+    # batch normalisation (ResNet-18) cannot train on a single example, and with
+    # ranks every rank needs an example (two with batch normalisation).
+    if len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] < smallest:
         bounds.pop()
     return bounds
 
