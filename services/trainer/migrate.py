@@ -1,0 +1,27 @@
+"""Brings a trainer database to the newest schema with Alembic.
+
+The trainer records its migrations in its own version table
+(``trainer_alembic_version``), so its tables may share a database with another
+service's without the two migration histories colliding.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from alembic.config import Config
+from sqlalchemy.engine import Engine
+
+from conveyor.shared.storage import migrations
+
+MIGRATIONS = Path(__file__).with_name("migrations")
+VERSION_TABLE = "trainer_alembic_version"
+
+
+def alembic_config() -> Config:
+    return migrations.alembic_config(MIGRATIONS, VERSION_TABLE)
+
+
+def upgrade_to_head(engine: Engine) -> None:
+    """Apply every migration the database lacks (none on an up-to-date one)."""
+    migrations.upgrade_to_head(engine, alembic_config())

@@ -1,0 +1,256 @@
+"""The trainer's side of the registry: checking registration targets, resolving
+the owner of a job for policy, and registering trained models.
+
+Calls go over a channel made with the trainer's service identity
+(``service:trainer``, :func:`~conveyor.shared.auth.credentials.service_channel`),
+so the registry attributes every registered version to the trainer and lists
+the job's creator among its authors.
+
+Registration is idempotent: the version's ``request_id`` and the evaluation
+report's are derived from the job's name and creation time, so a trainer that
+restarts between registering and recording the result registers nothing twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Final, TypeVar
+
+import grpc
+from google.protobuf.message import Message
+
+from conveyor.registry.v1 import registry_messages_pb2 as registry_rpc
+from conveyor.registry.v1 import registry_service_pb2_grpc
+from conveyor.registry.v1 import resources_pb2 as registry_pb
+from conveyor.services.trainer import protocol
+from conveyor.shared import names
+from conveyor.shared.auth.interceptor import ResourceResolver, default_resource
+from conveyor.shared.auth.principal import Resource, model_attributes
+from conveyor.shared.errors import (
+    AlreadyExistsError,
+    ConveyorError,
+    FailedPreconditionError,
+    InvalidArgumentError,
+    NotFoundError,
+    UnavailableError,
+    from_rpc_error,
+)
+from conveyor.shared.workers import WorkerThreads
+from conveyor.trainer.v1 import resources_pb2 as pb
+
+logger = logging.getLogger(__name__)
+
+UPLOAD_CHUNK_BYTES: Final = 1024 * 1024
+EVALUATION_REPORT_ID: Final = "evaluation-report"
+OWNER_CACHE_TTL_S: Final = 5.0
+_REQUEST_NAMESPACE: Final = uuid.UUID("6d1f0c2e-7f0b-4d3a-9a55-3c2b1c8e9f10")
+T = TypeVar("T")
+_RETRYABLE: Final = (
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.ABORTED,
+)
+
+
+class RegistrationError(Exception):
+    """Registering a trained model failed for good; ``error`` says why."""
+
+    def __init__(self, error: pb.JobError) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
+class Registrar:
+    """Reads models from the registry and registers trained versions in it."""
+
+    def __init__(
+        self,
+        channel: grpc.aio.Channel,
+        workers: WorkerThreads,
+        *,
+        attempts: int = 5,
+        backoff_s: float = 0.5,
+    ) -> None:
+        self._stub = registry_service_pb2_grpc.RegistryServiceStub(channel)
+        self._workers = workers
+        self._attempts = attempts
+        self._backoff_s = backoff_s
+        self._owners: dict[str, tuple[float, registry_pb.Model]] = {}
+
+    async def get_model(self, name: str) -> registry_pb.Model:
+        """The model ``name``; NOT_FOUND and INVALID_ARGUMENT as the registry
+        says them, any other failure UNAVAILABLE."""
+        try:
+            response = await self._stub.GetModel(registry_rpc.GetModelRequest(name=name))
+        except grpc.aio.AioRpcError as error:
+            failure = from_rpc_error(error)
+            if isinstance(failure, NotFoundError | InvalidArgumentError):
+                raise failure from None
+            raise UnavailableError(
+                f"the registry could not be asked about {name} ({error.code().name})",
+                reason="REGISTRY_UNAVAILABLE",
+            ) from None
+        self._owners[name] = (time.monotonic() + OWNER_CACHE_TTL_S, response.model)
+        return response.model
+
+    async def model_for_policy(self, name: str) -> registry_pb.Model | None:
+        """The model ``name`` for naming a call's resource (cached for a few
+        seconds); None when it cannot be read."""
+        cached = self._owners.get(name)
+        if cached is not None and cached[0] > time.monotonic():
+            return cached[1]
+        try:
+            return await self.get_model(name)
+        except ConveyorError:
+            return None
+
+    async def check_target(self, name: str) -> registry_pb.Model:
+        """The registration target ``name``, which must exist and be active."""
+        model = await self.get_model(name)
+        if model.state == registry_pb.MODEL_STATE_ARCHIVED:
+            raise FailedPreconditionError(
+                f"{name} is archived: it takes no new versions",
+                reason="MODEL_ARCHIVED",
+                metadata={"model": name},
+            )
+        return model
+
+    async def register(self, job: pb.TrainingJob, job_dir: Path) -> str:
+        """Register the model the job trained (the files in ``job_dir``) in
+        ``job.spec.registration.model``, with its evaluation report; returns the
+        version's name. Retries while the registry is unavailable; raises
+        :class:`RegistrationError` when it refuses or stays away."""
+        version, weights, report = await self._workers.run(_read_outputs, job_dir)
+        model = job.spec.registration.model
+        request_id = _request_id(job, "model-version")
+        metadata = registry_rpc.CreateModelVersionMetadata(
+            parent=model,
+            model_version=version,
+            sha256=_sha256(weights),
+            size_bytes=len(weights),
+            request_id=request_id,
+        )
+
+        async def upload() -> registry_pb.ModelVersion:
+            response = await self._stub.CreateModelVersion(_upload_requests(metadata, weights))
+            return response.model_version
+
+        registered = await self._retrying(upload, f"registering in {model}")
+        attachment = registry_rpc.CreateAttachmentRequest(
+            parent=registered.name,
+            attachment_id=EVALUATION_REPORT_ID,
+            attachment=registry_pb.Attachment(
+                kind=registry_pb.ATTACHMENT_KIND_EVALUATION_REPORT,
+                display_name="Evaluation on the held-out test split",
+                content_type="application/json",
+                content=report,
+            ),
+            request_id=_request_id(job, EVALUATION_REPORT_ID),
+        )
+
+        async def attach() -> None:
+            try:
+                await self._stub.CreateAttachment(attachment)
+            except grpc.aio.AioRpcError as error:
+                # Attached by an attempt whose answer was lost: done already.
+                if not isinstance(from_rpc_error(error), AlreadyExistsError):
+                    raise
+
+        await self._retrying(attach, f"attaching the evaluation report to {registered.name}")
+        logger.info(
+            "registered", extra={"training_job": job.name, "model_version": registered.name}
+        )
+        return registered.name
+
+    async def _retrying(self, call: Callable[[], Awaitable[T]], what: str) -> T:
+        delay = self._backoff_s
+        for attempt in range(1, self._attempts + 1):
+            try:
+                return await call()
+            except grpc.aio.AioRpcError as error:
+                failure = from_rpc_error(error)
+                if error.code() not in _RETRYABLE or attempt == self._attempts:
+                    raise RegistrationError(
+                        pb.JobError(
+                            code=error.code().value[0],
+                            reason="REGISTRATION_FAILED",
+                            message=f"{what} failed ({error.code().name}): {failure.message}",
+                        )
+                    ) from None
+                logger.warning(
+                    "registration attempt failed; retrying",
+                    extra={"attempt": attempt, "code": error.code().name},
+                )
+            await asyncio.sleep(delay)
+            delay *= 2
+        raise AssertionError("unreachable")  # the loop returns or raises
+
+
+def trainer_resolver(
+    registrar: Registrar | None, registration_model_of: Callable[[str], Awaitable[str]]
+) -> ResourceResolver:
+    """Names a trainer call's resource for policy. A training job is owned by
+    the team that owns its registration model (and carries that model's risk
+    tier and compliance tags); ``registration_model_of`` finds a job's model
+    (empty when the job or its model is unknown). Datasets, and jobs that
+    register nothing, have no owner team: the ownership rules deny them to
+    people."""
+
+    async def resolve(method: str, request: Message) -> Resource:
+        resource = default_resource("trainer", method, request)
+        model_name = ""
+        if method == "CreateTrainingJob":
+            model_name = _registration_model(request)
+        elif resource.name.startswith("trainingJobs/"):
+            model_name = await registration_model_of(resource.name)
+        if not model_name or registrar is None:
+            return resource
+        try:
+            names.parse_model_name(model_name)
+        except InvalidArgumentError:
+            return resource
+        model = await registrar.model_for_policy(model_name)
+        if model is None:
+            return resource
+        return replace(resource, owner_team=model.owner_team, attributes=model_attributes(model))
+
+    return resolve
+
+
+def _registration_model(request: Any) -> str:
+    model: str = request.training_job.spec.registration.model
+    return model
+
+
+def _request_id(job: pb.TrainingJob, purpose: str) -> str:
+    created = job.create_time.ToNanoseconds()
+    return str(uuid.uuid5(_REQUEST_NAMESPACE, f"{job.name}/{created}/{purpose}"))
+
+
+def _read_outputs(job_dir: Path) -> tuple[registry_pb.ModelVersion, bytes, bytes]:
+    version = registry_pb.ModelVersion.FromString(
+        (job_dir / protocol.MODEL_VERSION_FILE).read_bytes()
+    )
+    weights = (job_dir / protocol.WEIGHTS_FILE).read_bytes()
+    report = (job_dir / protocol.EVALUATION_REPORT_FILE).read_bytes()
+    return version, weights, report
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+async def _upload_requests(
+    metadata: registry_rpc.CreateModelVersionMetadata, data: bytes
+) -> AsyncIterator[registry_rpc.CreateModelVersionRequest]:
+    yield registry_rpc.CreateModelVersionRequest(metadata=metadata)
+    for start in range(0, len(data), UPLOAD_CHUNK_BYTES):
+        yield registry_rpc.CreateModelVersionRequest(chunk=data[start : start + UPLOAD_CHUNK_BYTES])
