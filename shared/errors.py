@@ -199,6 +199,14 @@ class UnavailableError(ConveyorError):
     default_reason = "UNAVAILABLE"
 
 
+class DataLossError(ConveyorError):
+    """Stored data is damaged or cannot be authenticated (an altered, truncated or
+    swapped encrypted blob). Retrying will not help; restore it from a backup."""
+
+    code = grpc.StatusCode.DATA_LOSS
+    default_reason = "DATA_LOSS"
+
+
 class InternalError(ConveyorError):
     """A bug. Its message never leaves the server (see the error interceptor)."""
 
@@ -216,6 +224,7 @@ _BY_CODE: dict[grpc.StatusCode, type[ConveyorError]] = {
         ResourceExhaustedError,
         DeadlineExceededError,
         UnavailableError,
+        DataLossError,
         InternalError,
     )
 }
@@ -299,6 +308,7 @@ __all__ = [
     "AbortedError",
     "AlreadyExistsError",
     "ConveyorError",
+    "DataLossError",
     "DeadlineExceededError",
     "FailedPreconditionError",
     "FieldViolation",

@@ -9,7 +9,11 @@ registry``) so that the client and the server do not share an event loop:
   written to a file with fsync, then that file copied with
   ``shutil.copyfile`` + fsync;
 * version-creation throughput: N concurrent clients (one channel each) create
-  small versions of one model, on SQLite and on a throwaway PostgreSQL.
+  small versions of one model, on SQLite and on a throwaway PostgreSQL;
+* with ``--encryption-ab N``: what encryption at rest costs, as N pairs of
+  transfers alternating between two registries side by side, one encrypting
+  artifacts and one not (so both see the same moments of a shared machine),
+  with the server process's CPU seconds per transfer.
 
 Every measurement is repeated ``--runs`` times; the table gives the median and
 the spread. MB is 10**6 bytes. Run from the repository root::
@@ -90,6 +94,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "backends": backends,
             "work_dir": str(root),
             "server_env": server_env,
+            # The registry's own default (on) unless the server environment says otherwise.
+            "encrypt_artifacts": _encrypts(server_env),
         },
         "results": {},
     }
@@ -98,6 +104,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.size_mib > 0:
             results.update(
                 bench_transfer(root / "transfer", args.size_mib * MIB, args.runs, server_env)
+            )
+        if args.encryption_ab > 0 and args.size_mib > 0:
+            results.update(
+                bench_encryption(
+                    root / "encryption", args.size_mib * MIB, args.encryption_ab, server_env
+                )
             )
         for backend in backends:
             results.update(
@@ -134,6 +146,14 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--version-kib", type=int, default=4, help="artifact size of each")
     parser.add_argument(
         "--backends", default="sqlite,postgresql", help="comma-separated: sqlite, postgresql"
+    )
+    parser.add_argument(
+        "--encryption-ab",
+        type=int,
+        default=0,
+        metavar="PAIRS",
+        help="also compare encryption at rest on and off over this many alternating "
+        "transfer pairs (0: skip)",
     )
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument(
@@ -223,6 +243,73 @@ def bench_transfer(
             [100 * u / w for u, w in zip(upload, write, strict=True)],
         ),
     }
+
+
+def bench_encryption(
+    directory: Path, size: int, pairs: int, server_env: dict[str, str]
+) -> dict[str, Metric]:
+    """Upload and download ``size`` bytes ``pairs`` times on each of two registries,
+    one with encryption at rest on and one with it off, alternating which goes first."""
+    directory.mkdir(parents=True)
+    base = bytearray(os.urandom(size))
+    rates: dict[str, dict[str, list[float]]] = {
+        mode: {"upload": [], "download": [], "cpu": []} for mode in ("on", "off")
+    }
+    flag = "CONVEYOR_REGISTRY_ENCRYPT_ARTIFACTS"
+    with (
+        registry_process(directory / "on", None, {**server_env, flag: "true"}) as on,
+        registry_process(directory / "off", None, {**server_env, flag: "false"}) as off,
+    ):
+        for pair in range(pairs):
+            order = [("on", on), ("off", off)] if pair % 2 == 0 else [("off", off), ("on", on)]
+            for mode, server in order:
+                base[:16] = uuid.uuid4().bytes
+                data = bytes(base)
+                digest = hashlib.sha256(data).hexdigest()
+                cpu_before = _process_cpu_s(server.process.pid)
+                upload_s, download_s = asyncio.run(transfer(server.address, data, digest))
+                cpu_s = _process_cpu_s(server.process.pid) - cpu_before
+                rates[mode]["upload"].append(size / upload_s / MB)
+                rates[mode]["download"].append(size / download_s / MB)
+                rates[mode]["cpu"].append(cpu_s)
+            print(
+                f"  encryption pair {pair + 1}/{pairs}: upload on {rates['on']['upload'][-1]:.0f}"
+                f" / off {rates['off']['upload'][-1]:.0f}, download on "
+                f"{rates['on']['download'][-1]:.0f} / off {rates['off']['download'][-1]:.0f} MB/s",
+                file=sys.stderr,
+            )
+    mib = size // MIB
+    results: dict[str, Metric] = {}
+    for mode, label in (("on", "encrypted"), ("off", "plaintext")):
+        results[f"upload_encryption_{mode}"] = Metric(
+            f"A/B upload {mib} MiB, {label}", "MB/s", rates[mode]["upload"]
+        )
+        results[f"download_encryption_{mode}"] = Metric(
+            f"A/B download {mib} MiB, {label}", "MB/s", rates[mode]["download"]
+        )
+    for phase in ("upload", "download"):
+        results[f"{phase}_encrypted_vs_plaintext"] = Metric(
+            f"A/B {phase}: encrypted / plaintext",
+            "%",
+            [100 * a / b for a, b in zip(rates["on"][phase], rates["off"][phase], strict=True)],
+        )
+    if all(rates[mode]["cpu"][0] >= 0 for mode in rates):
+        for mode, label in (("on", "encrypted"), ("off", "plaintext")):
+            results[f"server_cpu_encryption_{mode}"] = Metric(
+                f"A/B server CPU (up+download), {label}",
+                "ms",
+                [1000 * cpu_s for cpu_s in rates[mode]["cpu"]],
+            )
+    return results
+
+
+def _process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process (all its threads); -1 where /proc is missing."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return -1.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def plain_copy(data: bytes, directory: Path) -> tuple[float, float]:
@@ -463,6 +550,8 @@ def print_table(report: dict[str, Any], results: dict[str, Metric]) -> None:
         f"\n{machine['cpu']} ({machine['cpus_usable']} usable CPUs), "
         f"{machine['filesystem']}, Python {machine['python']}, grpcio {machine['grpcio']}"
     )
+    encrypted = "on" if report["settings"]["encrypt_artifacts"] else "off"
+    print(f"registry: encryption of artifacts at rest {encrypted}")
     header = f"{'metric':<44} {'unit':>10} {'median':>9} {'min':>9} {'max':>9} {'spread':>7}"
     print(header)
     print("-" * len(header))
@@ -480,6 +569,16 @@ def print_table(report: dict[str, Any], results: dict[str, Metric]) -> None:
                 f"target {key} >= {100 * TARGET_RATIO:.0f}% of plain copy: "
                 f"{verdict['percent']:.0f}% ({state})"
             )
+
+
+def _encrypts(server_env: dict[str, str]) -> bool:
+    """Whether the registry process encrypts artifacts (CONVEYOR_REGISTRY_ENCRYPT_ARTIFACTS
+    from --server-env, else this environment, else the default: on)."""
+    value = server_env.get(
+        "CONVEYOR_REGISTRY_ENCRYPT_ARTIFACTS",
+        os.environ.get("CONVEYOR_REGISTRY_ENCRYPT_ARTIFACTS", "true"),
+    )
+    return value.strip().lower() not in {"0", "false", "no", "off", "f", "n"}
 
 
 def machine_info(directory: Path) -> dict[str, Any]:

@@ -7,7 +7,10 @@ or PostgreSQL, whichever the source was::
                                    size and SHA-256 of every file below
     tables/<table>.jsonl           one JSON object per row (bytes as base64,
                                    timestamps as ISO 8601 UTC)
-    blobs/sha256/<ab>/<digest>     every artifact and attachment a row refers to
+    blobs/sha256/<ab>/<digest>     every artifact and attachment a row refers to,
+                                   as the registry stores it: ``<digest>.enc`` for
+                                   an encrypted one (header and ciphertext, copied
+                                   as they are; no key is in the backup)
 
 :func:`backup_registry` reads every table inside one read transaction
 (REPEATABLE READ on PostgreSQL, a WAL snapshot on SQLite), so it sees one
@@ -24,6 +27,16 @@ every row parsed) before it touches the target, refuses a target database that
 holds any row, stores the blobs first and then inserts every row in one
 transaction, so a failed restore leaves no row (stray blobs are swept when the
 registry next starts). The target registry must not be running.
+
+Encrypted blobs (``RegistrySettings.encrypt_artifacts``) are backed up as they
+are stored, ciphertext and wrapped data key, so a backup holds no key and no
+plaintext. Taking a backup decrypts each one once to check it against its
+digest; restoring needs **the same secret store** (the same local key directory,
+``CONVEYOR_SECRETS_LOCAL_DIR``, or the same Vault and key), because only it
+unwraps their data keys: restore unwraps every one of them before it writes
+anything, and refuses (``BACKUP_KEYS_UNAVAILABLE``) when it cannot. Restored
+blobs are written again through the target's blob store: fresh data keys, and
+encrypted or not as the target's settings say.
 """
 
 from __future__ import annotations
@@ -48,18 +61,39 @@ from sqlalchemy.engine import Connection, Engine
 
 from conveyor.services.registry import schema
 from conveyor.services.registry.migrate import alembic_config
-from conveyor.services.registry.server import open_store
+from conveyor.services.registry.server import artifact_keys, open_store
 from conveyor.services.registry.settings import RegistrySettings
-from conveyor.shared.errors import AlreadyExistsError, FailedPreconditionError, NotFoundError
-from conveyor.shared.storage import BlobStore, create_engine, read_transaction, write_transaction
-from conveyor.shared.storage.blobs import SHA256_HEX
+from conveyor.shared.errors import (
+    AlreadyExistsError,
+    ConveyorError,
+    FailedPreconditionError,
+    NotFoundError,
+)
+from conveyor.shared.secrets import SecretStore
+from conveyor.shared.storage import (
+    BlobReader,
+    BlobStore,
+    create_engine,
+    read_transaction,
+    write_transaction,
+)
+from conveyor.shared.storage.blobs import ENCRYPTED_SUFFIX, SHA256_HEX
 from conveyor.shared.storage.database import sqlite_url
+from conveyor.shared.storage.encryption import (
+    BlobCorruptError,
+    BlobKeys,
+    EncryptedBlobReader,
+    plaintext_size,
+)
 from conveyor.shared.storage.files import fsync_directory
 
 logger = logging.getLogger(__name__)
 
 FORMAT = "conveyor-registry-backup"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""Version 2 added encrypted blobs (``encrypted``, ``file_sha256``, ``file_size_bytes``);
+version 1 backups, all plaintext, still restore."""
+READABLE_VERSIONS = (1, 2)
 MANIFEST = "manifest.json"
 
 _BLOB_REFERENCES = ((schema.model_versions, "sha256"), (schema.attachments, "sha256"))
@@ -87,10 +121,38 @@ class TableFile:
 
 @dataclass(frozen=True)
 class BlobEntry:
-    """One blob in the backup (``blobs/sha256/<ab>/<sha256>``)."""
+    """One blob in the backup (``blobs/sha256/<ab>/<sha256>[.enc]``)."""
 
     sha256: str
+    """The digest of the blob's content (its name)."""
     size_bytes: int
+    """The content's size."""
+    encrypted: bool = False
+    """Stored encrypted: the file is ``<sha256>.enc`` and holds ciphertext."""
+    file_sha256: str = ""
+    """SHA-256 of the encrypted file (checked without any key); empty when plaintext."""
+    file_size_bytes: int = 0
+    """Size of the encrypted file; 0 when plaintext."""
+
+    def to_json(self) -> dict[str, Any]:
+        entry: dict[str, Any] = {"sha256": self.sha256, "size_bytes": self.size_bytes}
+        if self.encrypted:
+            entry.update(
+                encrypted=True, file_sha256=self.file_sha256, file_size_bytes=self.file_size_bytes
+            )
+        return entry
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> BlobEntry:
+        if not data.get("encrypted", False):
+            return cls(str(data["sha256"]), int(data["size_bytes"]))
+        return cls(
+            str(data["sha256"]),
+            int(data["size_bytes"]),
+            encrypted=True,
+            file_sha256=str(data["file_sha256"]),
+            file_size_bytes=int(data["file_size_bytes"]),
+        )
 
 
 @dataclass(frozen=True)
@@ -123,15 +185,16 @@ class BackupManifest:
                 {"name": t.name, "rows": t.rows, "sha256": t.sha256, "size_bytes": t.size_bytes}
                 for t in self.tables
             ],
-            "blobs": [{"sha256": b.sha256, "size_bytes": b.size_bytes} for b in self.blobs],
+            "blobs": [blob.to_json() for blob in self.blobs],
         }
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> BackupManifest:
         """Parse a manifest; :class:`CorruptBackupError` when it is not one."""
-        if data.get("format") != FORMAT or data.get("format_version") != FORMAT_VERSION:
+        if data.get("format") != FORMAT or data.get("format_version") not in READABLE_VERSIONS:
             raise CorruptBackupError(
-                f"not a {FORMAT} version {FORMAT_VERSION} manifest",
+                f"not a {FORMAT} manifest of a version this release reads "
+                f"({', '.join(map(str, READABLE_VERSIONS))})",
                 reason="BACKUP_FORMAT_UNSUPPORTED",
                 metadata={"format_version": str(data.get("format_version"))},
             )
@@ -146,18 +209,23 @@ class BackupManifest:
                     )
                     for t in data["tables"]
                 ),
-                blobs=tuple(
-                    BlobEntry(str(b["sha256"]), int(b["size_bytes"])) for b in data["blobs"]
-                ),
+                blobs=tuple(BlobEntry.from_json(b) for b in data["blobs"]),
             )
         except (KeyError, TypeError, ValueError) as error:
             raise CorruptBackupError(f"malformed manifest: {error!r}") from error
-        if bad := [b.sha256 for b in manifest.blobs if not SHA256_HEX.match(b.sha256)]:
+        if bad := [
+            b.sha256
+            for b in manifest.blobs
+            if not SHA256_HEX.match(b.sha256)
+            or (b.encrypted and not SHA256_HEX.match(b.file_sha256))
+        ]:
             raise CorruptBackupError(f"malformed blob digest in the manifest: {bad[0]!r}")
         return manifest
 
 
-def backup_registry(settings: RegistrySettings, destination: Path) -> BackupManifest:
+def backup_registry(
+    settings: RegistrySettings, destination: Path, *, secret_store: SecretStore | None = None
+) -> BackupManifest:
     """Write a backup of the registry that ``settings`` describe to ``destination``.
 
     Safe while the registry serves: the rows come from one read transaction and
@@ -165,7 +233,9 @@ def backup_registry(settings: RegistrySettings, destination: Path) -> BackupMani
     empty directory). Raises :class:`AlreadyExistsError` when it holds anything,
     :class:`FailedPreconditionError` when there is no registry database or its
     schema revision is not this code's, or when a referenced blob is missing or
-    does not match its digest.
+    does not match its digest (DataLossError when an encrypted one fails to
+    authenticate). ``secret_store`` (default: the settings') decrypts encrypted
+    blobs to check them; they are copied encrypted.
     """
     destination = destination.absolute()
     if destination.exists() and (not destination.is_dir() or any(destination.iterdir())):
@@ -180,7 +250,9 @@ def backup_registry(settings: RegistrySettings, destination: Path) -> BackupMani
     staging.mkdir()
     engine = create_engine(url)
     try:
-        blobs = BlobStore(settings.service_data_dir / "blobs")
+        blobs = BlobStore(
+            settings.service_data_dir / "blobs", keys=artifact_keys(settings, secret_store)
+        )
         manifest = _write_backup(engine, blobs, staging)
         if destination.exists():
             destination.rmdir()
@@ -198,15 +270,21 @@ def backup_registry(settings: RegistrySettings, destination: Path) -> BackupMani
     return manifest
 
 
-def restore_registry(settings: RegistrySettings, source: Path) -> BackupManifest:
+def restore_registry(
+    settings: RegistrySettings, source: Path, *, secret_store: SecretStore | None = None
+) -> BackupManifest:
     """Rebuild the registry that ``settings`` describe from the backup at ``source``.
 
     Checks the backup before anything else (:class:`CorruptBackupError` when a
     digest, size, row count or row does not match, and nothing is written);
     refuses, with :class:`FailedPreconditionError`, a backup of another schema
-    revision or a target database that already holds rows. Then migrates the
-    target, stores the blobs (checking their digests again) and inserts every
-    row in one transaction. Run it while the target registry is stopped.
+    revision or a target database that already holds rows, or encrypted blobs
+    whose data keys ``secret_store`` (default: the settings') cannot unwrap
+    (``BACKUP_KEYS_UNAVAILABLE``: restore with the secret store of the registry
+    that was backed up). Then migrates the target, stores the blobs (decrypted,
+    authenticated and checked against their digests again, and written as the
+    target's settings say) and inserts every row in one transaction. Run it
+    while the target registry is stopped.
     """
     manifest = verify_backup(source)
     head = _head_revision()
@@ -225,10 +303,13 @@ def restore_registry(settings: RegistrySettings, source: Path) -> BackupManifest
                 _refuse_rows(db)
         finally:
             engine.dispose()
-    store = open_store(settings)
+    keys = artifact_keys(settings, secret_store)
+    if any(blob.encrypted for blob in manifest.blobs):
+        _check_keys(keys, source, manifest)
+    store = open_store(settings, keys=keys)
     try:
         for blob in manifest.blobs:
-            _store_blob(store.blobs, _blob_path(source, blob.sha256), blob)
+            _store_blob(store.blobs, source, blob)
         with write_transaction(store.engine) as db:
             _refuse_rows(db)
             # Counters start seeded by the migrations; the backup's values replace them.
@@ -269,7 +350,7 @@ def verify_backup(source: Path) -> BackupManifest:
                 f"{entry.name} holds {rows} rows, the manifest says {entry.rows}"
             )
     for blob in manifest.blobs:
-        _check_file(_blob_path(source, blob.sha256), blob.sha256, blob.size_bytes)
+        _check_blob_file(source, blob)
     if missing := named - {blob.sha256 for blob in manifest.blobs}:
         raise CorruptBackupError(
             f"{len(missing)} blobs named by rows are not in the backup",
@@ -345,31 +426,60 @@ def _write_table(db: Connection, table: Table, path: Path, named: set[str]) -> T
 
 
 def _copy_blob(blobs: BlobStore, staging: Path, sha256: str) -> BlobEntry:
-    try:
-        live = blobs.path(sha256)
-    except NotFoundError as error:
+    """Link (or copy) the stored file as it is, then check it: a plaintext blob
+    against its digest, an encrypted one by decrypting it (every chunk
+    authenticated, the plaintext hashed)."""
+    for _ in range(3):  # the file may be replaced by its encrypted copy meanwhile
+        try:
+            live = blobs.stored(sha256)
+        except NotFoundError as error:
+            raise FailedPreconditionError(
+                f"blob {sha256} is referenced but missing from {blobs.root}",
+                reason="BLOB_MISSING",
+                metadata={"sha256": sha256},
+            ) from error
+        target = _blob_path(staging, sha256, encrypted=live.encrypted)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            _link_or_copy(live.path, target)
+        except FileNotFoundError:
+            continue
+        break
+    else:
         raise FailedPreconditionError(
-            f"blob {sha256} is referenced but missing from {blobs.root}",
+            f"blob {sha256} kept moving in {blobs.root}; try again",
             reason="BLOB_MISSING",
             metadata={"sha256": sha256},
-        ) from error
-    target = _blob_path(staging, sha256)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.link(live, target)  # blobs are immutable: sharing the inode is safe
-    except OSError:  # another filesystem, or links not allowed: copy
-        with live.open("rb") as reader, target.open("xb") as writer:
-            shutil.copyfileobj(reader, writer, _COPY_BYTES)
-            writer.flush()
-            os.fsync(writer.fileno())
-    actual, size = _digest_file(target)
+        )
+    file_sha256, file_size = _digest_file(target)
+    if not live.encrypted:
+        actual, size = file_sha256, file_size
+    else:
+        with blobs.open_file(target, sha256, encrypted=True) as reader:
+            actual, size = _digest_reader(reader)
     if actual != sha256:
         raise FailedPreconditionError(
             f"blob {sha256} in {blobs.root} is corrupt (its bytes hash to {actual})",
             reason="BLOB_CORRUPT",
             metadata={"sha256": sha256},
         )
-    return BlobEntry(sha256, size)
+    if not live.encrypted:
+        return BlobEntry(sha256, size)
+    return BlobEntry(
+        sha256, size, encrypted=True, file_sha256=file_sha256, file_size_bytes=file_size
+    )
+
+
+def _link_or_copy(live: Path, target: Path) -> None:
+    try:
+        os.link(live, target)  # blobs are immutable: sharing the inode is safe
+    except FileNotFoundError:
+        raise
+    except OSError:  # another filesystem, or links not allowed: copy
+        with live.open("rb") as reader, target.open("xb") as writer:
+            shutil.copyfileobj(reader, writer, _COPY_BYTES)
+            writer.flush()
+            os.fsync(writer.fileno())
 
 
 # -- restoring ----------------------------------------------------------------
@@ -391,10 +501,36 @@ def _refuse_rows(db: Connection) -> None:
             )
 
 
-def _store_blob(blobs: BlobStore, path: Path, entry: BlobEntry) -> None:
+def _check_keys(keys: BlobKeys, source: Path, manifest: BackupManifest) -> None:
+    """Unwrap the data key of every encrypted blob in the backup, before anything
+    is written: a secret store other than the registry's is refused here."""
+    for blob in manifest.blobs:
+        if not blob.encrypted:
+            continue
+        path = _blob_path(source, blob.sha256, encrypted=True)
+        try:
+            EncryptedBlobReader(path.open("rb"), blob.sha256, keys).close()
+        except (BlobCorruptError, FailedPreconditionError) as error:
+            # The file matches the manifest (verify_backup): the key is what is wrong.
+            raise FailedPreconditionError(
+                f"the data key of blob {blob.sha256} does not unwrap with this secret store: "
+                "restore with the secret store of the registry that was backed up (the same "
+                "local key directory, CONVEYOR_SECRETS_LOCAL_DIR, or the same Vault)",
+                reason="BACKUP_KEYS_UNAVAILABLE",
+                metadata={"sha256": blob.sha256, "cause": error.reason},
+            ) from error
+
+
+def _store_blob(blobs: BlobStore, source: Path, entry: BlobEntry) -> None:
     if blobs.exists(entry.sha256):
         return
-    with blobs.writer() as writer, path.open("rb") as reader:
+    path = _blob_path(source, entry.sha256, encrypted=entry.encrypted)
+    with (
+        blobs.open_file(
+            path, entry.sha256, encrypted=entry.encrypted, expected_size=entry.size_bytes
+        ) as reader,
+        blobs.writer(sha256=entry.sha256) as writer,
+    ):
         while chunk := reader.read(_COPY_BYTES):
             writer.write(chunk)
         writer.commit(expected_sha256=entry.sha256, expected_size=entry.size_bytes)
@@ -486,7 +622,9 @@ def _batches(rows: Iterator[dict[str, Any]]) -> Iterator[list[dict[str, Any]]]:
         yield batch
 
 
-def _check_file(path: Path, sha256: str, size_bytes: int) -> None:
+def _check_file(
+    path: Path, sha256: str, size_bytes: int, metadata: Mapping[str, str] | None = None
+) -> None:
     try:
         actual, size = _digest_file(path)
     except OSError as error:
@@ -495,8 +633,45 @@ def _check_file(path: Path, sha256: str, size_bytes: int) -> None:
         raise CorruptBackupError(
             f"{path} does not match the manifest ({size} bytes hashing to {actual}, "
             f"expected {size_bytes} bytes hashing to {sha256})",
-            metadata={"path": str(path), "sha256": actual, "expected_sha256": sha256},
+            metadata={
+                "path": str(path),
+                "sha256": actual,
+                "expected_sha256": sha256,
+                **(metadata or {}),
+            },
         )
+
+
+def _check_blob_file(source: Path, blob: BlobEntry) -> None:
+    """A blob file against the manifest, without any key: a plaintext one by its
+    digest; an encrypted one by the digest of the file, and its header (which
+    names the blob) and layout (which gives the content's size)."""
+    path = _blob_path(source, blob.sha256, encrypted=blob.encrypted)
+    facts = {"blob": blob.sha256}
+    if not blob.encrypted:
+        _check_file(path, blob.sha256, blob.size_bytes, facts)
+        return
+    _check_file(path, blob.file_sha256, blob.file_size_bytes, facts)
+    try:
+        with path.open("rb") as file:
+            size = plaintext_size(file, blob.sha256)
+    except (OSError, ConveyorError) as error:
+        raise CorruptBackupError(
+            f"{path} is not an encrypted blob of {blob.sha256}", metadata=facts
+        ) from error
+    if size != blob.size_bytes:
+        raise CorruptBackupError(
+            f"{path} holds {size} bytes of content, the manifest says {blob.size_bytes}",
+            metadata=facts,
+        )
+
+
+def _digest_reader(reader: BlobReader) -> tuple[str, int]:
+    digest, size = hashlib.sha256(), 0
+    while chunk := reader.read(_COPY_BYTES):
+        digest.update(chunk)
+        size += len(chunk)
+    return digest.hexdigest(), size
 
 
 def _digest_file(path: Path) -> tuple[str, int]:
@@ -512,8 +687,9 @@ def _table_path(root: Path, name: str) -> Path:
     return root / "tables" / f"{name}.jsonl"
 
 
-def _blob_path(root: Path, sha256: str) -> Path:
-    return root / "blobs" / "sha256" / sha256[:2] / sha256
+def _blob_path(root: Path, sha256: str, *, encrypted: bool = False) -> Path:
+    name = sha256 + ENCRYPTED_SUFFIX if encrypted else sha256
+    return root / "blobs" / "sha256" / sha256[:2] / name
 
 
 def _database_url(settings: RegistrySettings) -> str | None:

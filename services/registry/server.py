@@ -19,7 +19,7 @@ from conveyor.shared.auth.interceptor import AuthInterceptor
 from conveyor.shared.errors import UnavailableError
 from conveyor.shared.secrets import SecretStore
 from conveyor.shared.server import ConveyorServer, ServiceRegistration, create_server
-from conveyor.shared.storage import BlobStore, create_engine
+from conveyor.shared.storage import BlobStore, SecretStoreBlobKeys, create_engine
 from conveyor.shared.storage.database import sqlite_url
 from conveyor.shared.workers import WorkerThreads
 
@@ -28,8 +28,25 @@ logger = logging.getLogger(__name__)
 SERVICE_NAME = registry_service_pb2.DESCRIPTOR.services_by_name["RegistryService"].full_name
 
 
-def open_store(settings: RegistrySettings) -> RegistryStore:
-    """The store under the settings' database and data directory, migrated."""
+def artifact_keys(
+    settings: RegistrySettings, secret_store: SecretStore | None = None
+) -> SecretStoreBlobKeys:
+    """Where the blob store gets and unwraps data keys: the settings' artifact
+    encryption key in ``secret_store`` (by default the one the settings configure)."""
+    return SecretStoreBlobKeys(
+        secret_store or settings.open_secret_store(), settings.artifact_encryption_key
+    )
+
+
+def open_store(
+    settings: RegistrySettings, *, keys: SecretStoreBlobKeys | None = None
+) -> RegistryStore:
+    """The store under the settings' database and data directory, migrated.
+
+    Blobs are encrypted when ``settings.encrypt_artifacts`` is on, with data keys
+    from ``keys`` (by default :func:`artifact_keys` of the settings), which also
+    decrypt blobs stored encrypted earlier.
+    """
     directory = settings.service_data_dir
     directory.mkdir(parents=True, exist_ok=True)
     engine = create_engine(
@@ -37,7 +54,12 @@ def open_store(settings: RegistrySettings) -> RegistryStore:
         pool_size=settings.worker_threads,
     )
     upgrade_to_head(engine)
-    return RegistryStore(engine, BlobStore(directory / "blobs"))
+    blobs = BlobStore(
+        directory / "blobs",
+        keys=keys or artifact_keys(settings),
+        encrypt=settings.encrypt_artifacts,
+    )
+    return RegistryStore(engine, blobs)
 
 
 async def build_server(
@@ -47,24 +69,32 @@ async def build_server(
     secret_store: SecretStore | None = None,
 ) -> ConveyorServer:
     """Open (and migrate) the store, sweep orphaned blobs, make sure the artifact
-    signing key exists, start serving behind authentication.
+    signing and encryption keys exist, start serving behind authentication.
 
-    ``secret_store`` signs artifact digests and holds the token keys; by default
+    ``secret_store`` signs artifact digests, wraps the data keys that encrypt
+    blobs at rest and holds the token keys; by default
     the one the settings configure (the local store under the data directory
     unless Vault is set). ``gate`` defaults to the policy service's promotion
     gates (``settings.promotion_gate``).
     """
     secrets = secret_store or settings.open_secret_store()
     signer = ArtifactSigner(secrets, settings.artifact_signing_key)
-    try:
-        await asyncio.to_thread(signer.ensure_key)
-    except UnavailableError as error:
-        # Reads need no secret store: serve them, and refuse uploads until it is back.
-        logger.warning(
-            "secret store unavailable at start-up; uploads fail until it returns",
-            extra={"backend": signer.store.backend, "cause": error.reason},
-        )
-    store = await asyncio.to_thread(open_store, settings)
+    keys = artifact_keys(settings, secrets)
+    ensure = [signer.ensure_key, *([keys.ensure_key] if settings.encrypt_artifacts else [])]
+    for ensure_key in ensure:
+        try:
+            await asyncio.to_thread(ensure_key)
+        except UnavailableError as error:
+            # Serve what needs no secret store (plaintext blobs, metadata), and
+            # refuse uploads until it is back (each one tries the key again).
+            logger.warning(
+                "secret store unavailable at start-up; uploads fail until it returns",
+                extra={"backend": secrets.backend, "cause": error.reason},
+            )
+            break
+    if not settings.encrypt_artifacts:
+        logger.warning("artifacts are stored unencrypted (encrypt_artifacts is off)")
+    store = await asyncio.to_thread(open_store, settings, keys=keys)
     removed = await asyncio.to_thread(store.collect_garbage)
     if removed:
         logger.info("removed orphaned blobs", extra={"count": removed})

@@ -41,6 +41,22 @@ class RegistrySettings(ServiceSettings):
     digest at registration (created at start-up if missing). Inference verifies
     with the same name in its own store, so both must point at one key."""
 
+    encrypt_artifacts: bool = True
+    """Encrypt every new artifact and attachment at rest (envelope encryption:
+    AES-256-GCM in 1 MiB chunks under a fresh data key per blob, wrapped by
+    ``artifact_encryption_key``). Blobs stored before, or with this off, stay
+    readable either way: no migration in either direction. Reading encrypted
+    blobs needs the secret store that wrote them, also with this off."""
+
+    artifact_encryption_key: str = Field(
+        default="artifact-encryption", pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$"
+    )
+    """Name of the ``aes256-gcm96`` key in the secret store that wraps the data
+    keys of new blobs (created at start-up if missing; a derived Transit key in
+    Vault, with each blob's digest as the context). Each blob records the key
+    name and version that wrapped it, so rotating the key, or renaming this
+    setting, leaves older blobs readable while the old key exists."""
+
     promotion_gate: Literal["policy", "off"] = "policy"
     """``policy``: every alias move asks the policy service's ``EvaluatePromotion``
     (at ``CONVEYOR_POLICY_ADDR``) and is refused, listing the failed gates, unless

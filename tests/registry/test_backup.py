@@ -31,6 +31,7 @@ from conveyor.services.registry.backup import (
 from conveyor.services.registry.server import build_server
 from conveyor.services.registry.settings import RegistrySettings
 from conveyor.shared.errors import AlreadyExistsError, FailedPreconditionError
+from conveyor.shared.secrets import SecretStoreSettings
 from conveyor.shared.storage import create_engine, read_transaction, write_transaction
 from tests.support.postgres import ThrowawayPostgres
 from tests.support.registry import create_model, create_version, download
@@ -42,11 +43,25 @@ WEIGHTS_V3 = b"pruned" * 50_000
 
 
 def settings_for(kind: str, data_dir: Path, request: pytest.FixtureRequest) -> RegistrySettings:
+    """A registry whose secret store (local keys beside its data directory) is
+    shared by every registry of the test: restoring encrypted blobs needs the
+    store that wrote them."""
     url = None
     if kind == "postgresql":
         postgres: ThrowawayPostgres = request.getfixturevalue("postgres")
         url = postgres.create_database()
-    return RegistrySettings(data_dir=data_dir, database_url=url)
+    return RegistrySettings(
+        data_dir=data_dir,
+        database_url=url,
+        secrets=SecretStoreSettings(local_dir=data_dir.parent / "secrets"),
+    )
+
+
+def stored_blob(root: Path, digest: str) -> Path:
+    """The file of blob ``digest`` under a blob directory (a registry's or a
+    backup's ``blobs``): ``<digest>``, or ``<digest>.enc`` when encrypted."""
+    [path] = (root / "sha256" / digest[:2]).glob(f"{digest}*")
+    return path
 
 
 @asynccontextmanager
@@ -202,7 +217,7 @@ async def test_a_backup_taken_while_serving_restores_the_same_registry(
     written = json.loads((tmp_path / "backup" / "manifest.json").read_text())
     assert written["alembic_revision"] == manifest.alembic_revision
     assert written["source_dialect"] == source_kind
-    assert entries(tmp_path) == ["backup", "source"]  # no half-made backup beside it
+    assert entries(tmp_path) == ["backup", "secrets", "source"]  # no half-made backup
 
     restored = await asyncio.to_thread(restore_registry, target, tmp_path / "backup")
     assert restored == manifest
@@ -288,7 +303,7 @@ async def test_backups_during_writes_are_each_one_consistent_state(
         await asyncio.gather(*writers)
 
     for backup, acknowledged_before, started_after in backups:
-        target = RegistrySettings(data_dir=tmp_path / f"restored-{backup.name}")
+        target = settings_for("sqlite", tmp_path / f"restored-{backup.name}", request)
         manifest = await asyncio.to_thread(restore_registry, target, backup)
         async with serving(target) as registry:
             await check_consistent(registry, manifest.row_counts)
@@ -333,7 +348,7 @@ async def test_a_corrupted_blob_is_refused_before_anything_is_written(
         await populate(registry)
     manifest = await asyncio.to_thread(backup_registry, source, tmp_path / "backup")
     digest = hashlib.sha256(WEIGHTS_V1).hexdigest()
-    blob = tmp_path / "backup" / "blobs" / "sha256" / digest[:2] / digest
+    blob = stored_blob(tmp_path / "backup" / "blobs", digest)
     damaged = bytearray(blob.read_bytes())
     damaged[1000] ^= 0xFF
     blob.unlink()  # the backup may hard-link the live blob: do not write through it
@@ -343,7 +358,7 @@ async def test_a_corrupted_blob_is_refused_before_anything_is_written(
     with pytest.raises(CorruptBackupError) as refused:
         await asyncio.to_thread(restore_registry, target, tmp_path / "backup")
     assert refused.value.reason == "BACKUP_CORRUPT"
-    assert refused.value.metadata["expected_sha256"] == digest
+    assert refused.value.metadata["blob"] == digest
     assert not (tmp_path / "target").exists()
 
     postgres_target = settings_for("postgresql", tmp_path / "pg-target", request)
@@ -405,7 +420,7 @@ async def test_a_failed_backup_leaves_no_directory(
     async with serving(source) as registry:
         await populate(registry)
     digest = hashlib.sha256(WEIGHTS_V3).hexdigest()
-    (source.service_data_dir / "blobs" / "sha256" / digest[:2] / digest).unlink()
+    stored_blob(source.service_data_dir / "blobs", digest).unlink()
 
     with pytest.raises(FailedPreconditionError) as failed:
         await asyncio.to_thread(backup_registry, source, tmp_path / "backups" / "nightly")
@@ -424,7 +439,7 @@ async def test_a_backup_does_not_overwrite_another(
         await asyncio.to_thread(backup_registry, source, tmp_path / "backup")
     again = json.loads((tmp_path / "backup" / "manifest.json").read_text())
     assert again["created_at"] == first.created_at.isoformat()
-    assert entries(tmp_path) == ["backup", "source"]
+    assert entries(tmp_path) == ["backup", "secrets", "source"]
 
 
 def test_read_transaction_is_one_snapshot_on_postgresql(postgres: ThrowawayPostgres) -> None:

@@ -435,9 +435,15 @@ async def test_an_unreachable_registry_says_where_it_looked(
 
 
 async def test_backup_and_restore_serve_the_same_bytes(
-    server: ConveyorServer, capsys: pytest.CaptureFixture[str], tmp_path: Path
+    server: ConveyorServer,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     pytest.importorskip("conveyor.services.registry.backup")
+    # The restored registry keeps the source's secret store (its local key
+    # directory): it unwraps the data keys of the encrypted blobs.
+    monkeypatch.setenv("CONVEYOR_SECRETS_LOCAL_DIR", str(tmp_path / "data" / "secrets"))
     await create_churn(capsys, server)
     data = artifact(MIB + 3, seed=6)
     (tmp_path / "model.onnx").write_bytes(data)

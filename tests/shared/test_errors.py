@@ -40,6 +40,7 @@ def test_every_family_has_its_canonical_code() -> None:
         errors.ResourceExhaustedError: grpc.StatusCode.RESOURCE_EXHAUSTED,
         errors.DeadlineExceededError: grpc.StatusCode.DEADLINE_EXCEEDED,
         errors.UnavailableError: grpc.StatusCode.UNAVAILABLE,
+        errors.DataLossError: grpc.StatusCode.DATA_LOSS,
         errors.InternalError: grpc.StatusCode.INTERNAL,
     }
     for cls, code in expected.items():
