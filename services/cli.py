@@ -8,8 +8,9 @@ Ctrl-C or SIGTERM; ``conveyor health HOST:PORT`` exits 0 when a server is SERVIN
 registry and ``conveyor registry backup|restore`` snapshots one
 (:mod:`conveyor.services.registry.cli`); ``conveyor audit …`` and ``conveyor
 approve`` talk to the policy service (:mod:`conveyor.services.policy.cli`);
-``conveyor credentials`` writes development tokens. This module only wires
-their arguments.
+``conveyor train`` and ``conveyor jobs …`` create, follow and cancel training
+jobs (:mod:`conveyor.services.trainer.cli`); ``conveyor credentials`` writes
+development tokens. This module only wires their arguments.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from conveyor.services import catalog
 from conveyor.services.policy import cli as policy_cli
 from conveyor.services.registry import cli as registry_cli
 from conveyor.services.registry import cli_transfer as transfer
+from conveyor.services.trainer import cli as trainer_cli
 from conveyor.shared.auth.credentials import DEV_USERS, write_dev_credentials
 from conveyor.shared.errors import ConveyorError
 from conveyor.shared.health import ServerExitedError, serving_status, wait_until_serving
@@ -87,6 +89,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_models_commands(commands)
     _add_registry_commands(commands)
     _add_policy_commands(commands)
+    _add_trainer_commands(commands)
     return parser
 
 
@@ -268,6 +271,38 @@ def _add_policy_commands(commands: _Subparsers[argparse.ArgumentParser]) -> None
     approve.add_argument("--alias", default="production")
     approve.add_argument("--comment")
     approve.set_defaults(handler=partial(policy_cli.run, policy_cli.approve))
+
+
+def _add_trainer_commands(commands: _Subparsers[argparse.ArgumentParser]) -> None:
+    client = argparse.ArgumentParser(add_help=False)
+    trainer_cli.add_client_arguments(client)
+    train = commands.add_parser(
+        "train",
+        help="train a model on a dataset and follow the job",
+        description="Create a training job and follow it: progress on stderr, the result "
+        "on stdout. Ctrl-C stops following; the job keeps running.",
+        parents=[client],
+    )
+    trainer_cli.add_train_arguments(train)
+    train.set_defaults(handler=partial(trainer_cli.run, trainer_cli.train))
+    jobs = commands.add_parser("jobs", help="list, show, watch and cancel training jobs")
+    jobs.set_defaults(handler=_usage(jobs))
+    sub = jobs.add_subparsers(metavar="COMMAND")
+    listing = sub.add_parser("list", help="training jobs, newest first", parents=[client])
+    listing.add_argument("--state", type=str.lower, choices=trainer_cli.STATES)
+    listing.add_argument("--filter", help="AIP-160, e.g. 'spec.data.dataset=\"datasets/digits\"'")
+    listing.add_argument(
+        "--limit", type=trainer_cli.positive, default=50, help="at most this many (default: 50)"
+    )
+    listing.set_defaults(handler=partial(trainer_cli.run, trainer_cli.jobs_list))
+    for name, command, help in (
+        ("show", trainer_cli.jobs_show, "a job's spec, progress, learning curve and result"),
+        ("watch", trainer_cli.jobs_watch, "follow a job to its end (exit 0 if it succeeded)"),
+        ("cancel", trainer_cli.jobs_cancel, "cancel a job (a running one stops after its step)"),
+    ):
+        parser = sub.add_parser(name, help=help, description=help, parents=[client])
+        parser.add_argument("job", help="the job's id or trainingJobs/{id}")
+        parser.set_defaults(handler=partial(trainer_cli.run, command))
 
 
 def _usage(parser: argparse.ArgumentParser) -> Handler:

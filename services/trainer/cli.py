@@ -313,6 +313,17 @@ def _seconds(text: str) -> float:
     return value
 
 
+def positive(text: str) -> int:
+    """An integer of at least 1 (``--limit``)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return value
+
+
 def _key_value(text: str) -> tuple[str, Any]:
     """``KEY=VALUE`` with a JSON value (``[64,32]``, ``3``, ``true``), else the text."""
     key, sep, value = text.partition("=")
@@ -572,7 +583,7 @@ async def jobs_list(session: Session, args: argparse.Namespace) -> int:
     """``conveyor jobs list``: jobs newest first, filtered by state or any filter."""
     restrictions = [f"state={args.state.upper()}"] if args.state else []
     if args.filter:
-        restrictions.append(f"({args.filter})" if " OR " in args.filter else args.filter)
+        restrictions.append(args.filter)
     jobs: list[pb.TrainingJob] = []
     token = ""
     while len(jobs) < args.limit:

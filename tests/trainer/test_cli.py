@@ -278,6 +278,9 @@ async def test_jobs_list_show_watch_and_cancel(
     assert fields["hyperparameters"].strip().startswith("1000 epochs, batch 32, adam lr 0.001")
     assert fields["register in"].strip() == "- (not registered)"
     assert fields["progress"].strip().startswith("epoch ")
+    device = "cuda:0" if torch.cuda.is_available() else "cpu"
+    assert fields["ran"].strip().startswith(f"on {device}")
+    assert fields["ran"].strip().endswith(f"torch {torch.__version__}")
     queued = await conveyor(capsys, "jobs", "show", "trainingJobs/short", "--json", served=served)
     assert queued.json()["training_job"]["state"] == "JOB_STATE_QUEUED"
 
@@ -286,7 +289,6 @@ async def test_jobs_list_show_watch_and_cancel(
     assert cancelled.out.startswith("trainingJobs/long: cancel requested; it stops after")
     watched = await conveyor(capsys, "jobs", "watch", "long", served=served)
     assert watched.code == 1
-    assert "trainingJobs/long: running on " in watched.err
     assert "conveyor: trainingJobs/long was cancelled after " in watched.err
     assert "nothing was registered" in watched.err
     again = await conveyor(capsys, "jobs", "cancel", "long", "--json", served=served)
@@ -356,6 +358,9 @@ async def test_bad_flags_are_usage_errors(capsys: pytest.CaptureFixture[str]) ->
     )
     assert "expected three fractions" in await usage_error(
         capsys, "train", "digits", "--split", "0.8,0.2"
+    )
+    assert "expected a whole number of at least 1, got '0'" in await usage_error(
+        capsys, "jobs", "list", "--limit", "0"
     )
     assert "invalid choice: 'sleeping'" in await usage_error(
         capsys, "jobs", "list", "--state", "sleeping"
