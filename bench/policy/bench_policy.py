@@ -42,11 +42,9 @@ import asyncio
 import contextlib
 import json
 import os
-import platform
 import random
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -78,6 +76,11 @@ from conveyor.shared.health import ServerExitedError, wait_until_serving
 from conveyor.shared.secrets import LocalSecretStore
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+if str(REPO_ROOT) not in sys.path:  # bench/ lives at the repository root
+    sys.path.insert(0, str(REPO_ROOT))
+
+from bench.benchkit import free_port, machine_info  # noqa: E402
+
 START_TIMEOUT_S = 60.0
 CALL_TIMEOUT_S = 30.0
 MODES = ("raw", "cached", "uncached")
@@ -557,7 +560,7 @@ def policy_process(root: Path, extra_env: dict[str, str]) -> Iterator[PolicyProc
     data_dir.mkdir(parents=True, exist_ok=True)
     # The token keys exist before either side reads them (no creation race).
     ensure_token_keys(LocalSecretStore(secrets_dir))
-    address = f"127.0.0.1:{_free_port()}"
+    address = f"127.0.0.1:{free_port()}"
     # Only what is set here configures the service: no CONVEYOR_* or OTEL_* from
     # the caller's shell (a stray database URL or Vault address would change it).
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CONVEYOR_", "OTEL_"))}
@@ -592,13 +595,6 @@ def policy_process(root: Path, extra_env: dict[str, str]) -> Iterator[PolicyProc
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 # -- report ---------------------------------------------------------------------------
@@ -644,25 +640,6 @@ def print_table(report: dict[str, Any], outcome: Outcome) -> None:
         f"{audit['checked_count']} entries verified={audit['verified']} "
         f"in {audit['verify_seconds']:.1f} s"
     )
-
-
-def machine_info(directory: Path) -> dict[str, Any]:
-    """What the numbers were measured on."""
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    return {
-        "cpu": cpu,
-        "cpus_usable": len(os.sched_getaffinity(0)),
-        "load_average_before": os.getloadavg(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "grpcio": grpc.__version__,
-        "work_dir": str(directory),
-    }
 
 
 if __name__ == "__main__":

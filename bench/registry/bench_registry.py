@@ -31,10 +31,8 @@ import contextlib
 import hashlib
 import json
 import os
-import platform
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -53,9 +51,10 @@ from conveyor.registry.v1 import registry_service_pb2_grpc
 from conveyor.shared.health import ServerExitedError, wait_until_serving
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-if str(REPO_ROOT) not in sys.path:  # the test support package lives at the repository root
+if str(REPO_ROOT) not in sys.path:  # bench/ and the test support live at the repository root
     sys.path.insert(0, str(REPO_ROOT))
 
+from bench.benchkit import free_port, machine_info  # noqa: E402
 from tests.support.postgres import ThrowawayPostgres  # noqa: E402
 from tests.support.registry import a_model, upload_requests  # noqa: E402
 
@@ -473,7 +472,7 @@ def registry_process(
 ) -> Iterator[RegistryProcess]:
     """``conveyor serve registry`` in a child process, SERVING on a free loopback port."""
     data_dir.mkdir(parents=True, exist_ok=True)
-    address = f"127.0.0.1:{_free_port()}"
+    address = f"127.0.0.1:{free_port()}"
     env = {
         **os.environ,
         "CONVEYOR_REGISTRY_LOG_LEVEL": "WARNING",
@@ -524,13 +523,6 @@ def throwaway_postgres() -> Iterator[str]:
         cluster.stop()
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
 # -- report ----------------------------------------------------------------------
 
 
@@ -579,44 +571,6 @@ def _encrypts(server_env: dict[str, str]) -> bool:
         os.environ.get("CONVEYOR_REGISTRY_ENCRYPT_ARTIFACTS", "true"),
     )
     return value.strip().lower() not in {"0", "false", "no", "off", "f", "n"}
-
-
-def machine_info(directory: Path) -> dict[str, Any]:
-    """What the numbers were measured on."""
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    memory = ""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal"):
-                memory = f"{int(line.split()[1]) / 1024 / 1024:.0f} GiB"
-                break
-    return {
-        "cpu": cpu,
-        "cpus_usable": len(os.sched_getaffinity(0)),
-        "memory": memory,
-        "load_average_before": os.getloadavg(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "grpcio": grpc.__version__,
-        "filesystem": _filesystem(directory),
-    }
-
-
-def _filesystem(directory: Path) -> str:
-    """The device and type of the filesystem holding ``directory`` (from /proc/mounts)."""
-    best = ("", "?", "?")
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/mounts").read_text().splitlines():
-            device, mount, kind = line.split()[:3]
-            inside = str(directory).startswith(mount.rstrip("/") + "/") or mount == "/"
-            if inside and len(mount) > len(best[0]):
-                best = (mount, device, kind)
-    return f"{best[1]} ({best[2]}) at {best[0]}"
 
 
 if __name__ == "__main__":

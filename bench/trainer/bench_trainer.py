@@ -47,10 +47,8 @@ import asyncio
 import contextlib
 import json
 import os
-import platform
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -82,6 +80,11 @@ from conveyor.trainer.v1 import trainer_messages_pb2 as rpc
 from conveyor.trainer.v1 import trainer_service_pb2_grpc
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+if str(REPO_ROOT) not in sys.path:  # bench/ lives at the repository root
+    sys.path.insert(0, str(REPO_ROOT))
+
+from bench.benchkit import free_port, machine_info  # noqa: E402
+
 TARGET_OVERHEAD_PERCENT = 5.0
 """The issue's target: the service within 5% of a plain loop's throughput."""
 START_TIMEOUT_S = 120.0
@@ -125,7 +128,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.environ["OMP_NUM_THREADS"] = str(args.threads)
     root = Path(tempfile.mkdtemp(prefix="conveyor-bench-trainer-", dir=args.work_dir))
     report: dict[str, Any] = {
-        "machine": machine_info(),
+        "machine": torch_machine_info(),
         "settings": {
             "runs": args.runs,
             "workloads": {k: {"epochs": epochs[k]} for k in keys},
@@ -643,7 +646,7 @@ async def service_job(address: str, spec: pb.TrainingJobSpec, job_id: str) -> Se
 def trainer_process(data_dir: Path) -> Iterator[Trainer]:
     """``conveyor serve trainer`` in a child process, SERVING on a free loopback port."""
     data_dir.mkdir(parents=True, exist_ok=True)
-    address = f"127.0.0.1:{_free_port()}"
+    address = f"127.0.0.1:{free_port()}"
     env = {
         **os.environ,
         "CONVEYOR_TRAINER_LOG_LEVEL": "WARNING",
@@ -688,13 +691,6 @@ class Trainer:
         own = (int(fields[11]) + int(fields[12])) / ticks
         children = (int(fields[13]) + int(fields[14])) / ticks
         return own, children
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 # -- report ----------------------------------------------------------------------
@@ -754,31 +750,13 @@ def _row(metric: Metric, width: int) -> None:
     )
 
 
-def machine_info() -> dict[str, Any]:
-    """What the numbers were measured on."""
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    memory = ""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal"):
-                memory = f"{int(line.split()[1]) / 1024 / 1024:.0f} GiB"
-                break
+def torch_machine_info() -> dict[str, Any]:
+    """What the numbers were measured on, PyTorch included."""
     return {
-        "cpu": cpu,
-        "cpus_usable": len(os.sched_getaffinity(0)),
-        "memory": memory,
-        "load_average_before": os.getloadavg(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
+        **machine_info(),
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
         "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else "",
-        "grpcio": grpc.__version__,
     }
 
 
