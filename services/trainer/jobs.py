@@ -33,6 +33,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Final
@@ -130,6 +131,8 @@ class JobManager:
         self._wake = asyncio.Event()
         self._scheduler: asyncio.Task[None] | None = None
         self._closing = False
+        self.state_listeners: list[Callable[[pb.TrainingJob], None]] = []
+        """Told of every state change (the sweeps follow their trials)."""
 
     # -- reading ----------------------------------------------------------------
 
@@ -210,7 +213,7 @@ class JobManager:
                 return self.live_job(name) or running.job
             job, changed = await self._workers.run(self._store.update_job, job_id, _cancel)
         if changed and job.state == pb.JOB_STATE_CANCELLED:
-            self._hub.publish(name, event(pb.TRAINING_JOB_EVENT_TYPE_STATE_CHANGED, job=job))
+            self._announce(job)
         return job
 
     # -- scheduling -------------------------------------------------------------
@@ -251,7 +254,7 @@ class JobManager:
                 if job is None:
                     return
                 self._begin(job)
-            self._hub.publish(job.name, event(pb.TRAINING_JOB_EVENT_TYPE_STATE_CHANGED, job=job))
+            self._announce(job)
 
     def _begin(self, job: pb.TrainingJob) -> None:
         job.environment.code_revision = job.environment.code_revision or self.code_revision
@@ -486,8 +489,14 @@ class JobManager:
                 "reason": job.error.reason if error is not None else "",
             },
         )
-        self._hub.publish(job.name, event(pb.TRAINING_JOB_EVENT_TYPE_STATE_CHANGED, job=snapshot))
+        self._announce(snapshot)
         self.notify()
+
+    def _announce(self, job: pb.TrainingJob) -> None:
+        """Tell the job's watchers and the state listeners that its state changed."""
+        self._hub.publish(job.name, event(pb.TRAINING_JOB_EVENT_TYPE_STATE_CHANGED, job=job))
+        for listener in self.state_listeners:
+            listener(job)
 
 
 def _cancel(job: pb.TrainingJob) -> bool:

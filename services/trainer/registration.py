@@ -21,7 +21,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Final, TypeVar
+from typing import Final, TypeVar
 
 import grpc
 from google.protobuf.message import Message
@@ -50,6 +50,8 @@ logger = logging.getLogger(__name__)
 UPLOAD_CHUNK_BYTES: Final = 1024 * 1024
 EVALUATION_REPORT_ID: Final = "evaluation-report"
 OWNER_CACHE_TTL_S: Final = 5.0
+SWEEP_LABEL: Final = "sweep_job"
+"""The label naming the sweep whose best trial a version is."""
 _REQUEST_NAMESPACE: Final = uuid.UUID("6d1f0c2e-7f0b-4d3a-9a55-3c2b1c8e9f10")
 T = TypeVar("T")
 _RETRYABLE: Final = (
@@ -123,13 +125,28 @@ class Registrar:
             )
         return model
 
-    async def register(self, job: pb.TrainingJob, job_dir: Path) -> str:
+    async def register(
+        self,
+        job: pb.TrainingJob,
+        job_dir: Path,
+        *,
+        registration: pb.RegistrationSpec | None = None,
+    ) -> str:
         """Register the model the job trained (the files in ``job_dir``) in
         ``job.spec.registration.model``, with its evaluation report; returns the
-        version's name. Retries while the registry is unavailable; raises
-        :class:`RegistrationError` when it refuses or stays away."""
+        version's name. A sweep registers its best trial with the sweep's
+        ``registration`` instead (its description, labels and model card). Retries
+        while the registry is unavailable; raises :class:`RegistrationError`
+        when it refuses or stays away."""
         version, weights, report = await self._workers.run(_read_outputs, job_dir)
-        model = job.spec.registration.model
+        if registration is None:
+            registration = job.spec.registration
+        else:
+            version.description = registration.description
+            version.labels.update(registration.labels)
+            version.labels[SWEEP_LABEL] = job.sweep_job.removeprefix("sweepJobs/")
+            version.model_card = registration.model_card or version.model_card
+        model = registration.model
         request_id = _request_id(job, "model-version")
         metadata = registry_rpc.CreateModelVersionMetadata(
             parent=model,
@@ -197,10 +214,10 @@ class Registrar:
 def trainer_resolver(
     registrar: Registrar | None, registration_model_of: Callable[[str], Awaitable[str]]
 ) -> ResourceResolver:
-    """Names a trainer call's resource for policy. A training job is owned by
-    the team that owns its registration model (and carries that model's risk
-    tier and compliance tags); ``registration_model_of`` finds a job's model
-    (empty when the job or its model is unknown). Datasets, and jobs that
+    """Names a trainer call's resource for policy. A training or sweep job is
+    owned by the team that owns its registration model (and carries that
+    model's risk tier and compliance tags); ``registration_model_of`` finds a
+    job's or sweep's model (empty when it or its model is unknown). Datasets, and jobs that
     register nothing, have no owner team: the ownership rules deny them to
     people."""
 
@@ -208,8 +225,11 @@ def trainer_resolver(
         resource = default_resource("trainer", method, request)
         model_name = ""
         if method == "CreateTrainingJob":
-            model_name = _registration_model(request)
-        elif resource.name.startswith("trainingJobs/"):
+            model_name = request.training_job.spec.registration.model  # type: ignore[attr-defined]
+        elif method == "CreateSweepJob":
+            spec = request.sweep_job.spec  # type: ignore[attr-defined]
+            model_name = spec.base_spec.registration.model
+        elif resource.name.startswith(("trainingJobs/", "sweepJobs/")):
             model_name = await registration_model_of(resource.name)
         if not model_name or registrar is None:
             return resource
@@ -223,11 +243,6 @@ def trainer_resolver(
         return replace(resource, owner_team=model.owner_team, attributes=model_attributes(model))
 
     return resolve
-
-
-def _registration_model(request: Any) -> str:
-    model: str = request.training_job.spec.registration.model
-    return model
 
 
 def _request_id(job: pb.TrainingJob, purpose: str) -> str:

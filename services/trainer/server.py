@@ -14,7 +14,9 @@ from conveyor.services.trainer.registration import Registrar, trainer_resolver
 from conveyor.services.trainer.servicer import TrainerServicer
 from conveyor.services.trainer.settings import TrainerSettings
 from conveyor.services.trainer.store import TrainerStore
-from conveyor.services.trainer.watch import TrainingWatchHub
+from conveyor.services.trainer.sweep_store import SweepStore
+from conveyor.services.trainer.sweeps import SweepManager
+from conveyor.services.trainer.watch import SweepWatchHub, TrainingWatchHub
 from conveyor.shared.auth.credentials import server_auth_interceptors, service_channel
 from conveyor.shared.auth.interceptor import AuthInterceptor
 from conveyor.shared.errors import ConveyorError
@@ -70,9 +72,15 @@ async def build_server(
     )
     registrar = Registrar(registry_channel, workers, attempts=settings.registration_attempts)
     manager = JobManager(settings, store, workers, hub, registrar)
+    sweep_store = SweepStore(store.engine)
+    sweep_hub = SweepWatchHub()
+    sweeps = SweepManager(settings, sweep_store, manager, workers, sweep_hub, registrar)
 
     async def registration_model_of(name: str) -> str:
         try:
+            if name.startswith("sweepJobs/"):
+                sweep = await sweeps.get(name.removeprefix("sweepJobs/"))
+                return sweep.spec.base_spec.registration.model
             job = await manager.get(name.removeprefix("trainingJobs/"))
         except ConveyorError:  # unknown: the method itself answers NOT_FOUND
             return ""
@@ -81,11 +89,13 @@ async def build_server(
     interceptors = server_auth_interceptors(
         settings, secrets, resolver=trainer_resolver(registrar, registration_model_of)
     )
-    # The sweep methods are the generated base class's: they answer UNIMPLEMENTED.
-    servicer = TrainerServicer(  # type: ignore[abstract]
+    servicer = TrainerServicer(
         store,
         manager,
         hub,
+        sweeps,
+        sweep_store,
+        sweep_hub,
         workers,
         registrar,
         max_dataset_bytes=settings.max_dataset_bytes,
@@ -105,6 +115,7 @@ async def build_server(
         interceptors=interceptors,
     )
     await manager.start()
+    await sweeps.start()
 
     async def close_channels() -> None:
         for interceptor in interceptors:
@@ -112,10 +123,11 @@ async def build_server(
                 await interceptor.close()
         await registry_channel.close(None)
 
-    server.before_stop.append(hub.close)
-    # Workers stop first (their jobs resume at the next start), then the channels,
-    # then the threads that may still hold database connections, then the database.
+    server.before_stop.extend([hub.close, sweep_hub.close])
+    # Sweeps and workers stop first (their jobs resume at the next start), then the
+    # channels, then the threads that may still hold database connections, then
+    # the database.
     server.on_shutdown.extend(
-        [manager.close, close_channels, workers.shutdown, store.engine.dispose]
+        [sweeps.close, manager.close, close_channels, workers.shutdown, store.engine.dispose]
     )
     return server

@@ -1,10 +1,10 @@
-"""``conveyor.trainer.v1.TrainerService``: datasets and training jobs.
+"""``conveyor.trainer.v1.TrainerService``: datasets, training jobs and sweeps.
 
 Transport only: parse and validate requests, run blocking work in threads,
 hand jobs to the :class:`~.jobs.JobManager`, stream watch events from the
 :class:`~.watch.TrainingWatchHub`. Errors are raised as ConveyorError and
 mapped to statuses by the shared interceptor; a refused call changes nothing.
-The sweep methods answer UNIMPLEMENTED, as the generated base class does.
+The :class:`~.sweeps.SweepManager` runs the sweeps.
 """
 
 from __future__ import annotations
@@ -20,14 +20,16 @@ from functools import partial
 from typing import Any, Final
 
 from conveyor.registry.v1 import resources_pb2 as registry_pb
-from conveyor.services.trainer import datasets
+from conveyor.services.trainer import datasets, search_space, sweeps
 from conveyor.services.trainer.datasets import DatasetSchema
 from conveyor.services.trainer.jobs import JobManager, uploaded_datasets
 from conveyor.services.trainer.registration import Registrar
 from conveyor.services.trainer.specs import validate_training_spec
 from conveyor.services.trainer.store import TrainerStore, request_hash, state_name, timestamp
+from conveyor.services.trainer.sweep_store import SweepStore
+from conveyor.services.trainer.sweeps import SweepManager
 from conveyor.services.trainer.uploads import load_uploaded
-from conveyor.services.trainer.watch import TrainingWatchHub
+from conveyor.services.trainer.watch import SweepWatchHub, TrainingWatchHub
 from conveyor.shared import names, pagination
 from conveyor.shared.auth import caller_principal
 from conveyor.shared.errors import (
@@ -66,6 +68,11 @@ DATASET_FILTERS: Final = {
     "modality": FilterField(FieldKind.ENUM, _enum_names(pb.DataModality.keys(), "DATA_MODALITY_")),
     "task": FilterField(FieldKind.ENUM, _enum_names(registry_pb.TaskType.keys(), "TASK_TYPE_")),
 }
+SWEEP_FILTERS: Final = {
+    "state": FilterField(FieldKind.ENUM, _enum_names(pb.JobState.keys(), "JOB_STATE_")),
+    "created_by": FilterField(FieldKind.STRING),
+    "labels.": FilterField(FieldKind.MAP),
+}
 JOB_FILTERS: Final = {
     "state": FilterField(FieldKind.ENUM, _enum_names(pb.JobState.keys(), "JOB_STATE_")),
     "spec.data.dataset": FilterField(FieldKind.STRING),
@@ -84,6 +91,9 @@ class TrainerServicer(trainer_service_pb2_grpc.TrainerServiceServicer):
         store: TrainerStore,
         manager: JobManager,
         hub: TrainingWatchHub,
+        sweeps: SweepManager,
+        sweep_store: SweepStore,
+        sweep_hub: SweepWatchHub,
         workers: WorkerThreads,
         registrar: Registrar,
         *,
@@ -94,6 +104,9 @@ class TrainerServicer(trainer_service_pb2_grpc.TrainerServiceServicer):
         self._store = store
         self._manager = manager
         self._hub = hub
+        self._sweeps = sweeps
+        self._sweep_store = sweep_store
+        self._sweep_hub = sweep_hub
         self._workers = workers
         self._registrar = registrar
         self._max_dataset_bytes = max_dataset_bytes
@@ -276,11 +289,34 @@ class TrainerServicer(trainer_service_pb2_grpc.TrainerServiceServicer):
         if not given.HasField("spec"):
             violations.append(FieldViolation(field, "required: what to train and how"))
             _raise_if_any(violations, "invalid training job")
-        spec = given.spec
+        await self._validated_spec(given.spec, field, violations)
+        created = timestamp(datetime.now(UTC))
+        return pb.TrainingJob(
+            name=f"trainingJobs/{job_id}",
+            display_name=given.display_name,
+            spec=given.spec,
+            labels=given.labels,
+            state=pb.JOB_STATE_QUEUED,
+            create_time=created,
+            update_time=created,
+            created_by=principal,
+        )
+
+    async def _validated_spec(
+        self,
+        spec: pb.TrainingJobSpec,
+        field: str,
+        violations: list[FieldViolation],
+        *,
+        refusal: str = "invalid training job",
+    ) -> DatasetSchema:
+        """The schema of the data ``spec`` trains on, once the spec (and the
+        ``violations`` found before it) checked out; its registration target
+        must exist."""
         violations += _dataset_name_violations(spec.data, f"{field}.data")
         violations += _registration_violations(spec.registration, f"{field}.registration")
         if any(v.field.startswith(f"{field}.data.") for v in violations):
-            _raise_if_any(violations, "invalid training job")
+            _raise_if_any(violations, refusal)
         try:
             schema = await self._data_schema(spec.data, f"{field}.data")
         except InvalidArgumentError as error:
@@ -296,20 +332,10 @@ class TrainerServicer(trainer_service_pb2_grpc.TrainerServiceServicer):
             )
         except InvalidArgumentError as error:
             violations += error.violations
-        _raise_if_any(violations, "invalid training job")
+        _raise_if_any(violations, refusal)
         if spec.registration.model:
             await self._registrar.check_target(spec.registration.model)
-        created = timestamp(datetime.now(UTC))
-        return pb.TrainingJob(
-            name=f"trainingJobs/{job_id}",
-            display_name=given.display_name,
-            spec=spec,
-            labels=given.labels,
-            state=pb.JOB_STATE_QUEUED,
-            create_time=created,
-            update_time=created,
-            created_by=principal,
-        )
+        return schema
 
     async def _data_schema(self, data: pb.DatasetSpec, field: str) -> DatasetSchema:
         """The schema of the data ``data`` names (all datasets together):
@@ -385,13 +411,112 @@ class TrainerServicer(trainer_service_pb2_grpc.TrainerServiceServicer):
         ):
             yield response
 
+    # -- sweep jobs --------------------------------------------------------------
+
+    async def CreateSweepJob(self, request: rpc.CreateSweepJobRequest, context: Any) -> Any:
+        sweep_id = request.sweep_job_id or f"sweep-{uuid.uuid4().hex[:12]}"
+        names.check_id(sweep_id, field="sweep_job_id")
+        fingerprint = request_hash(request)
+        if not request.validate_only:
+            done = await self._workers.run(
+                self._store.find_request, request.request_id, "CreateSweepJob", fingerprint
+            )
+            if done is not None:
+                sweep = await self._sweeps.get(done.removeprefix("sweepJobs/"))
+                return rpc.CreateSweepJobResponse(sweep_job=sweep)
+        sweep = await self._validated_sweep(request, sweep_id, caller_principal(context))
+        if request.validate_only:
+            return rpc.CreateSweepJobResponse(sweep_job=sweep)
+        created = await self._workers.run(
+            self._sweep_store.create_sweep,
+            sweep,
+            request_id=request.request_id,
+            fingerprint=fingerprint,
+        )
+        self._sweeps.poke(created.name)
+        return rpc.CreateSweepJobResponse(sweep_job=created)
+
+    async def _validated_sweep(
+        self, request: rpc.CreateSweepJobRequest, sweep_id: str, principal: str
+    ) -> pb.SweepJob:
+        """The sweep to create, once its spec and every trial's checked out."""
+        given = request.sweep_job
+        field = "sweep_job.spec"
+        refusal = "invalid sweep job"
+        violations = [
+            *_text("sweep_job.display_name", given.display_name, chars=MAX_DISPLAY_NAME_CHARS),
+            *_labels("sweep_job.labels", given.labels),
+        ]
+        spec = given.spec
+        if not spec.HasField("base_spec"):
+            violations.append(
+                FieldViolation(f"{field}.base_spec", "required: the spec every trial starts from")
+            )
+            _raise_if_any(violations, refusal)
+        violations += sweeps.sweep_violations(spec, field)
+        parameters = search_space.search_space(spec, field, violations)
+        schema = await self._validated_spec(
+            spec.base_spec, f"{field}.base_spec", violations, refusal=refusal
+        )
+        violations += sweeps.objective_violations(spec, schema, field)
+        _raise_if_any(violations, refusal)
+        violations += await self._workers.run(
+            sweeps.trial_violations,
+            spec,
+            parameters,
+            schema,
+            cuda_available=self._cuda_available,
+            field=field,
+        )
+        _raise_if_any(violations, refusal)
+        created = timestamp(datetime.now(UTC))
+        return pb.SweepJob(
+            name=f"sweepJobs/{sweep_id}",
+            display_name=given.display_name,
+            spec=spec,
+            labels=given.labels,
+            state=pb.JOB_STATE_QUEUED,
+            create_time=created,
+            update_time=created,
+            created_by=principal,
+        )
+
+    async def GetSweepJob(self, request: rpc.GetSweepJobRequest, context: Any) -> Any:
+        sweep_id = names.parse_resource_name(request.name, "sweepJobs")
+        return rpc.GetSweepJobResponse(sweep_job=await self._sweeps.get(sweep_id))
+
+    async def ListSweepJobs(self, request: rpc.ListSweepJobsRequest, context: Any) -> Any:
+        size = pagination.page_size(request.page_size)
+        restrictions = parse_filter(request.filter, SWEEP_FILTERS)
+        descending = _newest_first(request.order_by)
+        fingerprint = pagination.fingerprint(request.filter, request.order_by)
+        cursor = pagination.decode_page_token(request.page_token, fingerprint)
+        page = await self._workers.run(
+            self._sweep_store.list_sweeps,
+            restrictions,
+            _sweep_field,
+            descending=descending,
+            offset=cursor.offset,
+            limit=size,
+        )
+        return rpc.ListSweepJobsResponse(
+            sweep_jobs=page.items,
+            next_page_token=_next_token(page.has_more, cursor, size, fingerprint),
+        )
+
+    async def CancelSweepJob(self, request: rpc.CancelSweepJobRequest, context: Any) -> Any:
+        sweep_id = names.parse_resource_name(request.name, "sweepJobs")
+        return rpc.CancelSweepJobResponse(sweep_job=await self._sweeps.cancel(sweep_id))
+
     async def WatchSweepJob(
         self, request: rpc.WatchSweepJobRequest, context: Any
     ) -> AsyncIterator[rpc.WatchSweepJobResponse]:
-        # The generated base class's answer (UNIMPLEMENTED), given from an async
-        # generator: the interceptors stream a server-streaming method's answer.
-        super().WatchSweepJob(request, context)
-        yield rpc.WatchSweepJobResponse()  # never reached: the line above raises
+        sweep_id = names.parse_resource_name(request.name, "sweepJobs")
+        # Sweep events are few; none is coalesced, so the interval is unused.
+        async for response in self._sweep_hub.watch(
+            request.name, DEFAULT_PROGRESS_INTERVAL_S, partial(self._sweeps.get, sweep_id)
+        ):
+            yield response
 
 
 # -- validation ----------------------------------------------------------------------
@@ -549,6 +674,14 @@ def _dataset_field(dataset: pb.Dataset, field: str) -> object:
     if field == "modality":
         return pb.DataModality.Name(dataset.modality).removeprefix("DATA_MODALITY_")
     return registry_pb.TaskType.Name(dataset.task).removeprefix("TASK_TYPE_")
+
+
+def _sweep_field(sweep: pb.SweepJob, field: str) -> object:
+    if field == "state":
+        return state_name(sweep.state)
+    if field.startswith("labels."):
+        return sweep.labels.get(field.removeprefix("labels."))
+    return sweep.created_by
 
 
 def _job_field(job: pb.TrainingJob, field: str) -> object:

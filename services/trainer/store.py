@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -41,6 +41,7 @@ ORPHAN_GRACE_S = 600.0
 QUEUED, RUNNING = pb.JOB_STATE_QUEUED, pb.JOB_STATE_RUNNING
 TERMINAL_STATES = frozenset({pb.JOB_STATE_SUCCEEDED, pb.JOB_STATE_FAILED, pb.JOB_STATE_CANCELLED})
 ACTIVE_STATES = frozenset({QUEUED, RUNNING})
+M = TypeVar("M", pb.TrainingJob, pb.SweepJob)
 
 
 def state_name(state: pb.JobState.ValueType) -> str:
@@ -64,10 +65,10 @@ def request_hash(message: Message) -> str:
 
 
 @dataclass(frozen=True)
-class Page:
+class Page(Generic[M]):
     """One page of a listing and whether more follow."""
 
-    items: list[pb.TrainingJob]
+    items: list[M]
     has_more: bool
 
 
@@ -94,7 +95,7 @@ class TrainerStore:
         if not request_id:
             return None
         with read_transaction(self.engine) as db:
-            return _find_request(db, request_id, method, fingerprint)
+            return find_request_in(db, request_id, method, fingerprint)
 
     # -- datasets ------------------------------------------------------------
 
@@ -118,10 +119,10 @@ class TrainerStore:
         body.CopyFrom(dataset)
         body.name = name
         body.create_time.CopyFrom(timestamp(created))
-        with _conflict_means(exists), write_transaction(self.engine) as db:
-            done = _find_request(db, request_id, "CreateDataset", fingerprint)
+        with conflict_means(exists), write_transaction(self.engine) as db:
+            done = find_request_in(db, request_id, "CreateDataset", fingerprint)
             if done is not None:
-                return _dataset_row(db, done.removeprefix("datasets/")).body_message
+                return dataset_row(db, done.removeprefix("datasets/")).body_message
             if db.execute(
                 select(schema.datasets.c.id).where(schema.datasets.c.dataset_id == dataset_id)
             ).first():
@@ -136,7 +137,7 @@ class TrainerStore:
                     upload=upload.SerializeToString(),
                 )
             )
-            _record_request(db, request_id, "CreateDataset", fingerprint, name, created)
+            record_request(db, request_id, "CreateDataset", fingerprint, name, created)
         return body
 
     def dataset_exists(self, dataset_id: str) -> bool:
@@ -150,11 +151,11 @@ class TrainerStore:
 
     def get_dataset(self, dataset_id: str) -> pb.Dataset:
         with read_transaction(self.engine) as db:
-            return _dataset_row(db, dataset_id).body_message
+            return dataset_row(db, dataset_id).body_message
 
     def get_upload(self, dataset_id: str) -> StoredUpload:
         with read_transaction(self.engine) as db:
-            row = _dataset_row(db, dataset_id)
+            row = dataset_row(db, dataset_id)
         return StoredUpload(row.body_message, pb.Dataset.FromString(row.row.upload), row.row.sha256)
 
     def list_datasets(self) -> list[pb.Dataset]:
@@ -170,18 +171,20 @@ class TrainerStore:
         file. FAILED_PRECONDITION while a QUEUED or RUNNING job uses it."""
         name = f"datasets/{dataset_id}"
         with write_transaction(self.engine) as db:
-            row = _dataset_row(db, dataset_id).row
+            row = dataset_row(db, dataset_id).row
+            specs = [(job.name, job.spec) for job in _jobs_in(db, ACTIVE_STATES)]
+            specs += [(sweep.name, sweep.spec.base_spec) for sweep in active_sweeps_in(db)]
             users = [
-                job.name
-                for job in _jobs_in(db, ACTIVE_STATES)
-                if name == job.spec.data.dataset or name in job.spec.data.additional_datasets
+                user
+                for user, spec in specs
+                if name == spec.data.dataset or name in spec.data.additional_datasets
             ]
             if users:
                 raise FailedPreconditionError(
-                    f"{name} is used by {len(users)} queued or running job(s), such as "
-                    f"{users[0]}; cancel them or wait for them to end",
+                    f"{name} is used by {len(users)} queued or running job(s) or sweep(s), "
+                    f"such as {users[0]}; cancel them or wait for them to end",
                     reason="DATASET_IN_USE",
-                    metadata={"name": name, "training_job": users[0]},
+                    metadata={"name": name, "used_by": users[0]},
                 )
             db.execute(delete(schema.datasets).where(schema.datasets.c.id == row.id))
             shared = db.execute(
@@ -220,30 +223,17 @@ class TrainerStore:
         exists = AlreadyExistsError(
             f"{job.name} already exists", reason="TRAINING_JOB_EXISTS", metadata={"name": job.name}
         )
-        with _conflict_means(exists), write_transaction(self.engine) as db:
-            done = _find_request(db, request_id, "CreateTrainingJob", fingerprint)
+        with conflict_means(exists), write_transaction(self.engine) as db:
+            done = find_request_in(db, request_id, "CreateTrainingJob", fingerprint)
             if done is not None:
                 return _with_queue_position(db, _job_row(db, done.removeprefix("trainingJobs/")))
-            if db.execute(
-                select(schema.training_jobs.c.id).where(schema.training_jobs.c.job_id == job_id)
-            ).first():
+            if job_name_taken(db, job.name):
                 raise exists
             for dataset_id in uploaded:
-                _dataset_row(db, dataset_id)
-            waiting = db.execute(
-                select(func.count())
-                .select_from(schema.training_jobs)
-                .where(schema.training_jobs.c.state == state_name(QUEUED))
-            ).scalar_one()
-            if waiting >= max_queued:
-                raise ResourceExhaustedError(
-                    f"the job queue is full ({waiting} jobs waiting); retry later",
-                    reason="QUEUE_FULL",
-                    metadata={"queued_jobs": str(waiting), "max_queued_jobs": str(max_queued)},
-                )
-            db.execute(insert(schema.training_jobs).values(job_id=job_id, **_job_columns(job)))
+                dataset_row(db, dataset_id)
+            insert_job(db, job, max_queued=max_queued)
             created = job.create_time.ToDatetime(tzinfo=UTC)
-            _record_request(db, request_id, "CreateTrainingJob", fingerprint, job.name, created)
+            record_request(db, request_id, "CreateTrainingJob", fingerprint, job.name, created)
             return _with_queue_position(db, _job_row(db, job_id))
 
     def get_job(self, job_id: str) -> pb.TrainingJob:
@@ -258,7 +248,7 @@ class TrainerStore:
         descending: bool,
         offset: int,
         limit: int,
-    ) -> Page:
+    ) -> Page[pb.TrainingJob]:
         """A page of the stored jobs meeting ``restrictions``, by creation."""
         order = schema.training_jobs.c.id
         with read_transaction(self.engine) as db:
@@ -327,6 +317,33 @@ class TrainerStore:
 # -- rows and conversions ----------------------------------------------------------
 
 
+def job_name_taken(db: Connection, name: str) -> bool:
+    job_id = name.removeprefix("trainingJobs/")
+    return (
+        db.execute(
+            select(schema.training_jobs.c.id).where(schema.training_jobs.c.job_id == job_id)
+        ).first()
+        is not None
+    )
+
+
+def insert_job(db: Connection, job: pb.TrainingJob, *, max_queued: int) -> None:
+    """Queue ``job`` (named, QUEUED, its name free) unless the queue is full."""
+    waiting = db.execute(
+        select(func.count())
+        .select_from(schema.training_jobs)
+        .where(schema.training_jobs.c.state == state_name(QUEUED))
+    ).scalar_one()
+    if waiting >= max_queued:
+        raise ResourceExhaustedError(
+            f"the job queue is full ({waiting} jobs waiting); retry later",
+            reason="QUEUE_FULL",
+            metadata={"queued_jobs": str(waiting), "max_queued_jobs": str(max_queued)},
+        )
+    job_id = job.name.removeprefix("trainingJobs/")
+    db.execute(insert(schema.training_jobs).values(job_id=job_id, **_job_columns(job)))
+
+
 @dataclass(frozen=True)
 class _DatasetRow:
     row: Row[Any]
@@ -336,7 +353,7 @@ class _DatasetRow:
         return pb.Dataset.FromString(self.row.body)
 
 
-def _dataset_row(db: Connection, dataset_id: str) -> _DatasetRow:
+def dataset_row(db: Connection, dataset_id: str) -> _DatasetRow:
     row = db.execute(
         select(schema.datasets).where(schema.datasets.c.dataset_id == dataset_id)
     ).first()
@@ -367,6 +384,16 @@ def _jobs_in(db: Connection, states: set[Any] | frozenset[Any]) -> list[pb.Train
         .order_by(schema.training_jobs.c.id)
     ).all()
     return [pb.TrainingJob.FromString(row.body) for row in rows]
+
+
+def active_sweeps_in(db: Connection) -> list[pb.SweepJob]:
+    """The QUEUED and RUNNING sweeps, oldest first."""
+    rows = db.execute(
+        select(schema.sweep_jobs.c.body)
+        .where(schema.sweep_jobs.c.state.in_([state_name(s) for s in ACTIVE_STATES]))
+        .order_by(schema.sweep_jobs.c.id)
+    ).all()
+    return [pb.SweepJob.FromString(row.body) for row in rows]
 
 
 def _queue(db: Connection) -> dict[str, int]:
@@ -424,7 +451,7 @@ def _save(db: Connection, job: pb.TrainingJob) -> None:
         _job_row(db, job_id)  # NOT_FOUND
 
 
-def _find_request(db: Connection, request_id: str, method: str, fingerprint: str) -> str | None:
+def find_request_in(db: Connection, request_id: str, method: str, fingerprint: str) -> str | None:
     if not request_id:
         return None
     row = db.execute(
@@ -442,7 +469,7 @@ def _find_request(db: Connection, request_id: str, method: str, fingerprint: str
     return resource
 
 
-def _record_request(
+def record_request(
     db: Connection, request_id: str, method: str, fingerprint: str, name: str, created: datetime
 ) -> None:
     if request_id:
@@ -458,7 +485,7 @@ def _record_request(
 
 
 @contextmanager
-def _conflict_means(error: ConveyorError) -> Iterator[None]:
+def conflict_means(error: ConveyorError) -> Iterator[None]:
     """A unique-constraint violation (a concurrent twin won the race) is ``error``."""
     try:
         yield

@@ -1,7 +1,7 @@
-"""WatchTrainingJob streams: any number of watchers per job.
+"""WatchTrainingJob and WatchSweepJob streams: any number of watchers per job.
 
-The job manager publishes every event of a job to the hub as it happens; each
-watcher gets its own queue. Progress events are coalesced per watcher: only
+The job and sweep managers publish every event of a job to its hub as it
+happens; each watcher gets its own queue. Progress events are coalesced per watcher: only
 the latest one waits, and it is sent at most once per the watcher's interval,
 so a slow or rate-limited watcher never holds more than one. Every other event
 (state changes, epochs, checkpoints) is delivered, in order; a watcher that
@@ -17,6 +17,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
+from typing import Generic, TypeVar
 
 from conveyor.services.trainer.store import TERMINAL_STATES, timestamp
 from conveyor.shared.errors import UnavailableError
@@ -27,6 +28,9 @@ MAX_QUEUED_EVENTS = 10_000
 
 PROGRESS = pb.TRAINING_JOB_EVENT_TYPE_PROGRESS
 STATE_CHANGED = pb.TRAINING_JOB_EVENT_TYPE_STATE_CHANGED
+
+Job = TypeVar("Job", bound=pb.TrainingJob | pb.SweepJob)
+Event = TypeVar("Event", bound=rpc.WatchTrainingJobResponse | rpc.WatchSweepJobResponse)
 
 
 def event(
@@ -51,23 +55,51 @@ def event(
     return response
 
 
+def sweep_event(
+    event_type: pb.SweepJobEventType.ValueType,
+    *,
+    sweep: pb.SweepJob | None = None,
+    trial: pb.SweepTrial | None = None,
+) -> rpc.WatchSweepJobResponse:
+    """A sweep watch event stamped now."""
+    response = rpc.WatchSweepJobResponse(type=event_type)
+    if sweep is not None:
+        response.sweep_job.CopyFrom(sweep)
+    if trial is not None:
+        response.trial.CopyFrom(trial)
+    response.event_time.CopyFrom(timestamp(datetime.now(UTC)))
+    return response
+
+
 def is_terminal(response: rpc.WatchTrainingJobResponse) -> bool:
     """Whether ``response`` moves its job to a terminal state (the stream's last)."""
     return response.type == STATE_CHANGED and response.training_job.state in TERMINAL_STATES
 
 
-class _Watcher:
-    def __init__(self, interval_s: float) -> None:
+def _ends_sweep(response: rpc.WatchSweepJobResponse) -> bool:
+    return (
+        response.type == pb.SWEEP_JOB_EVENT_TYPE_STATE_CHANGED
+        and response.sweep_job.state in TERMINAL_STATES
+    )
+
+
+def _is_progress(response: rpc.WatchTrainingJobResponse) -> bool:
+    return response.type == PROGRESS
+
+
+class _Watcher(Generic[Event]):
+    def __init__(self, interval_s: float, coalesced: Callable[[Event], bool]) -> None:
         self.interval_s = interval_s
-        self.events: deque[rpc.WatchTrainingJobResponse] = deque()
-        self.progress: rpc.WatchTrainingJobResponse | None = None
+        self.coalesced = coalesced
+        self.events: deque[Event] = deque()
+        self.progress: Event | None = None
         self.last_progress = -float("inf")
         self.wake = asyncio.Event()
         self.overflowed = False
         self.closed = False
 
-    def offer(self, response: rpc.WatchTrainingJobResponse) -> None:
-        if response.type == PROGRESS:
+    def offer(self, response: Event) -> None:
+        if self.coalesced(response):
             self.progress = response
         else:
             # Anything pending is older than this event, and it carries progress.
@@ -79,14 +111,23 @@ class _Watcher:
         self.wake.set()
 
 
-class TrainingWatchHub:
+class WatchHub(Generic[Job, Event]):
     """Fans a job's events out to its watchers."""
 
-    def __init__(self) -> None:
-        self._watchers: dict[str, set[_Watcher]] = {}
+    def __init__(
+        self,
+        *,
+        snapshot_event: Callable[[Job], Event],
+        ends_stream: Callable[[Event], bool],
+        coalesced: Callable[[Event], bool],
+    ) -> None:
+        self._snapshot_event = snapshot_event
+        self._ends_stream = ends_stream
+        self._coalesced = coalesced
+        self._watchers: dict[str, set[_Watcher[Event]]] = {}
         self._closed = False
 
-    def publish(self, job_name: str, response: rpc.WatchTrainingJobResponse) -> None:
+    def publish(self, job_name: str, response: Event) -> None:
         """Hand ``response`` to every watcher of ``job_name`` (never blocks)."""
         for watcher in self._watchers.get(job_name, ()):
             watcher.offer(response)
@@ -106,31 +147,31 @@ class TrainingWatchHub:
         self,
         job_name: str,
         interval_s: float,
-        snapshot: Callable[[], Awaitable[pb.TrainingJob]],
-    ) -> AsyncIterator[rpc.WatchTrainingJobResponse]:
+        snapshot: Callable[[], Awaitable[Job]],
+    ) -> AsyncIterator[Event]:
         """The job's SNAPSHOT (from ``snapshot``, asked once this watcher is
         registered, so nothing after it is missed), then its events until the
         one that ends it."""
         if self._closed:
             raise _draining()
-        watcher = _Watcher(interval_s)
+        watcher = _Watcher(interval_s, self._coalesced)
         watchers = self._watchers.setdefault(job_name, set())
         watchers.add(watcher)
         try:
             job = await snapshot()
-            yield event(pb.TRAINING_JOB_EVENT_TYPE_SNAPSHOT, job=job)
+            yield self._snapshot_event(job)
             if job.state in TERMINAL_STATES:
                 return
             async for response in self._follow(watcher):
                 yield response
-                if is_terminal(response):
+                if self._ends_stream(response):
                     return
         finally:
             watchers.discard(watcher)
             if not watchers:
                 self._watchers.pop(job_name, None)
 
-    async def _follow(self, watcher: _Watcher) -> AsyncIterator[rpc.WatchTrainingJobResponse]:
+    async def _follow(self, watcher: _Watcher[Event]) -> AsyncIterator[Event]:
         while True:
             if watcher.events:
                 yield watcher.events.popleft()
@@ -153,6 +194,28 @@ class TrainingWatchHub:
             watcher.wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(watcher.wake.wait(), wait_s)
+
+
+class TrainingWatchHub(WatchHub[pb.TrainingJob, rpc.WatchTrainingJobResponse]):
+    """Training job streams: progress coalesced per watcher."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            snapshot_event=lambda job: event(pb.TRAINING_JOB_EVENT_TYPE_SNAPSHOT, job=job),
+            ends_stream=is_terminal,
+            coalesced=_is_progress,
+        )
+
+
+class SweepWatchHub(WatchHub[pb.SweepJob, rpc.WatchSweepJobResponse]):
+    """Sweep streams: every event delivered."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            snapshot_event=lambda sweep: sweep_event(pb.SWEEP_JOB_EVENT_TYPE_SNAPSHOT, sweep=sweep),
+            ends_stream=_ends_sweep,
+            coalesced=lambda response: False,
+        )
 
 
 def _draining() -> UnavailableError:

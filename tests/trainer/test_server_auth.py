@@ -2,8 +2,8 @@
 service that decides every call: a data scientist trains a model for her
 team's registry model and the trainer, as ``service:trainer``, registers the
 version with her as its author; another team's data scientist may read the
-job but neither create one for that model nor cancel it; no credentials, no
-call."""
+job but neither create one for that model nor cancel it, and the same holds
+for sweeps; no credentials, no call."""
 
 from __future__ import annotations
 
@@ -73,3 +73,30 @@ async def test_a_data_scientist_trains_and_the_trainer_registers(tmp_path: Path)
             registry_rpc.ListAttachmentsRequest(parent=version.name)
         )
         assert [a.created_by for a in attachments.attachments] == ["service:trainer"]
+
+        # A sweep is owned through its base spec's registration model, as a job is.
+        sweep_spec = pb.SweepJobSpec(
+            base_spec=spec,
+            parameters=[
+                pb.ParameterSpec(
+                    path="hyperparameters.epochs", integer_range=pb.IntegerRange(min=1, max=2)
+                )
+            ],
+            algorithm=pb.SEARCH_ALGORITHM_GRID,
+            max_trials=2,
+            objective_metric="loss",
+        )
+        sweep_request = rpc.CreateSweepJobRequest(
+            sweep_job_id="epochs", sweep_job=pb.SweepJob(spec=sweep_spec)
+        )
+        await refused(mallory.CreateSweepJob(sweep_request), grpc.StatusCode.PERMISSION_DENIED)
+        sweep = (await alice.CreateSweepJob(sweep_request)).sweep_job
+        assert sweep.created_by == "user:alice"
+        await refused(
+            mallory.CancelSweepJob(rpc.CancelSweepJobRequest(name=sweep.name)),
+            grpc.StatusCode.PERMISSION_DENIED,
+        )
+        read = await mallory.GetSweepJob(rpc.GetSweepJobRequest(name=sweep.name))
+        assert read.sweep_job.name == sweep.name
+        cancelled = await alice.CancelSweepJob(rpc.CancelSweepJobRequest(name=sweep.name))
+        assert cancelled.sweep_job.cancel_requested

@@ -319,7 +319,7 @@ async def test_delete_removes_an_upload_unless_a_job_needs_it(served: Running) -
         grpc.StatusCode.FAILED_PRECONDITION,
     )
     assert isinstance(in_use, FailedPreconditionError)
-    assert (in_use.reason, in_use.metadata["training_job"]) == ("DATASET_IN_USE", job.name)
+    assert (in_use.reason, in_use.metadata["used_by"]) == ("DATASET_IN_USE", job.name)
     builtin = await refused(
         trainer.DeleteDataset(rpc.DeleteDatasetRequest(name="datasets/digits")),
         grpc.StatusCode.FAILED_PRECONDITION,

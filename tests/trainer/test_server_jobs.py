@@ -359,25 +359,6 @@ async def test_watchers_of_a_queued_job_see_it_cancelled(paused: Running) -> Non
     assert await asyncio.to_thread(serving_status, paused.trainer_target) == "SERVING"
 
 
-async def test_sweep_methods_answer_unimplemented(paused: Running) -> None:
-    await refused(
-        paused.trainer.CreateSweepJob(rpc.CreateSweepJobRequest()),
-        grpc.StatusCode.UNIMPLEMENTED,
-    )
-    await refused(
-        paused.trainer.GetSweepJob(rpc.GetSweepJobRequest(name="sweepJobs/s")),
-        grpc.StatusCode.UNIMPLEMENTED,
-    )
-
-    async def watch_sweep() -> None:
-        request = rpc.WatchSweepJobRequest(name="sweepJobs/s")
-        async for _ in paused.trainer.WatchSweepJob(request, timeout=30):
-            pass
-
-    await refused(watch_sweep(), grpc.StatusCode.UNIMPLEMENTED)
-    assert await asyncio.to_thread(serving_status, paused.trainer_target) == "SERVING"
-
-
 def test_the_migrations_build_exactly_the_schema(tmp_path: Path) -> None:
     engine = create_engine(sqlite_url(tmp_path / "trainer.db"))
     upgrade_to_head(engine)

@@ -273,13 +273,15 @@ class TrainerServiceServicer:
         """Creates a hyperparameter sweep: trials run as training jobs (trials of
         this sweep) over the declared ranges, by grid or random search; when
         they are done, the best trial by the objective metric is registered.
+        Trials share the trainer's job queue: while it is full, the sweep waits
+        for room rather than failing.
 
         Errors: INVALID_ARGUMENT for an invalid base spec, an unknown or
-        duplicate parameter path, a bad range, or a GRID double range without
-        `grid_points`; NOT_FOUND, FAILED_PRECONDITION and UNAVAILABLE as for
-        CreateTrainingJob; ALREADY_EXISTS when the id is taken or `request_id`
-        was used for a different request; RESOURCE_EXHAUSTED when the job queue
-        is full.
+        duplicate parameter path, a bad range, a GRID double range without
+        `grid_points`, or any trial whose spec would be invalid (the first few
+        are named with their values); NOT_FOUND, FAILED_PRECONDITION and
+        UNAVAILABLE as for CreateTrainingJob; ALREADY_EXISTS when the id is
+        taken or `request_id` was used for a different request.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

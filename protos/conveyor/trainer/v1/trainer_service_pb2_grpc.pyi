@@ -141,13 +141,15 @@ class TrainerServiceStub:
     """Creates a hyperparameter sweep: trials run as training jobs (trials of
     this sweep) over the declared ranges, by grid or random search; when
     they are done, the best trial by the objective metric is registered.
+    Trials share the trainer's job queue: while it is full, the sweep waits
+    for room rather than failing.
 
     Errors: INVALID_ARGUMENT for an invalid base spec, an unknown or
-    duplicate parameter path, a bad range, or a GRID double range without
-    `grid_points`; NOT_FOUND, FAILED_PRECONDITION and UNAVAILABLE as for
-    CreateTrainingJob; ALREADY_EXISTS when the id is taken or `request_id`
-    was used for a different request; RESOURCE_EXHAUSTED when the job queue
-    is full.
+    duplicate parameter path, a bad range, a GRID double range without
+    `grid_points`, or any trial whose spec would be invalid (the first few
+    are named with their values); NOT_FOUND, FAILED_PRECONDITION and
+    UNAVAILABLE as for CreateTrainingJob; ALREADY_EXISTS when the id is
+    taken or `request_id` was used for a different request.
     """
     GetSweepJob: _grpc.UnaryUnaryMultiCallable[_trainer_messages_pb2.GetSweepJobRequest, _trainer_messages_pb2.GetSweepJobResponse]
     """Gets a sweep with its trials and best trial.
@@ -288,13 +290,15 @@ class TrainerServiceAsyncStub(TrainerServiceStub):
     """Creates a hyperparameter sweep: trials run as training jobs (trials of
     this sweep) over the declared ranges, by grid or random search; when
     they are done, the best trial by the objective metric is registered.
+    Trials share the trainer's job queue: while it is full, the sweep waits
+    for room rather than failing.
 
     Errors: INVALID_ARGUMENT for an invalid base spec, an unknown or
-    duplicate parameter path, a bad range, or a GRID double range without
-    `grid_points`; NOT_FOUND, FAILED_PRECONDITION and UNAVAILABLE as for
-    CreateTrainingJob; ALREADY_EXISTS when the id is taken or `request_id`
-    was used for a different request; RESOURCE_EXHAUSTED when the job queue
-    is full.
+    duplicate parameter path, a bad range, a GRID double range without
+    `grid_points`, or any trial whose spec would be invalid (the first few
+    are named with their values); NOT_FOUND, FAILED_PRECONDITION and
+    UNAVAILABLE as for CreateTrainingJob; ALREADY_EXISTS when the id is
+    taken or `request_id` was used for a different request.
     """
     GetSweepJob: _aio.UnaryUnaryMultiCallable[_trainer_messages_pb2.GetSweepJobRequest, _trainer_messages_pb2.GetSweepJobResponse]  # type: ignore[assignment]
     """Gets a sweep with its trials and best trial.
@@ -492,13 +496,15 @@ class TrainerServiceServicer(metaclass=_abc_1.ABCMeta):
         """Creates a hyperparameter sweep: trials run as training jobs (trials of
         this sweep) over the declared ranges, by grid or random search; when
         they are done, the best trial by the objective metric is registered.
+        Trials share the trainer's job queue: while it is full, the sweep waits
+        for room rather than failing.
 
         Errors: INVALID_ARGUMENT for an invalid base spec, an unknown or
-        duplicate parameter path, a bad range, or a GRID double range without
-        `grid_points`; NOT_FOUND, FAILED_PRECONDITION and UNAVAILABLE as for
-        CreateTrainingJob; ALREADY_EXISTS when the id is taken or `request_id`
-        was used for a different request; RESOURCE_EXHAUSTED when the job queue
-        is full.
+        duplicate parameter path, a bad range, a GRID double range without
+        `grid_points`, or any trial whose spec would be invalid (the first few
+        are named with their values); NOT_FOUND, FAILED_PRECONDITION and
+        UNAVAILABLE as for CreateTrainingJob; ALREADY_EXISTS when the id is
+        taken or `request_id` was used for a different request.
         """
 
     @_abc_1.abstractmethod
