@@ -69,7 +69,7 @@ from torch.nn import functional
 from conveyor.services.trainer import datasets, protocol
 from conveyor.services.trainer.architectures import build_model
 from conveyor.services.trainer.datasets import LoadedDataset
-from conveyor.services.trainer.jobs import worker_command
+from conveyor.services.trainer.launcher import worker_command
 from conveyor.services.trainer.specs import ResolvedSpec, validate_training_spec
 from conveyor.services.trainer.splits import split_dataset
 from conveyor.services.trainer.training import TrainingObserver, train

@@ -5,12 +5,13 @@
 - **Queue.** Jobs wait QUEUED in the store; the scheduler starts the oldest
   while fewer than ``max_running_jobs`` run (first in, first out).
 - **Workers.** Each job runs in its own process
-  (``python -m conveyor.services.trainer.worker <job_dir>``, or ``torchrun``
-  starting ``world_size`` of them: :mod:`.distributed`), so a crash in training cannot take the
-  server down. The manager reads the worker's progress lines
+  (``python -m conveyor.services.trainer.worker <job_dir>``, usually a standby
+  worker started and warmed up ahead of the job, or ``torchrun`` starting
+  ``world_size`` of them: :mod:`.launcher`, :mod:`.distributed`), so a crash in
+  training cannot take the server down. The manager reads the worker's progress lines
   (:mod:`.protocol`), keeps the job's latest state in memory, saves it to the
-  store at every epoch, checkpoint and state change, and publishes every event
-  to the watch hub.
+  store at every checkpoint (one per epoch) and state change, and publishes
+  every event to the watch hub.
 - **Cancel** sends the worker SIGTERM; it stops after the current step.
 - **Outcome.** A worker that succeeded leaves its weights and result in the
   job directory; the manager registers the model in the registry (when the
@@ -31,8 +32,6 @@ import logging
 import os
 import shutil
 import signal
-import subprocess
-import sys
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
@@ -44,7 +43,7 @@ from google.protobuf import json_format
 from conveyor.services.trainer import protocol
 from conveyor.services.trainer.checkpoints import remove_stale_temporaries
 from conveyor.services.trainer.datasets import is_builtin
-from conveyor.services.trainer.distributed import torchrun_command
+from conveyor.services.trainer.launcher import WorkerLauncher, cpu_threads
 from conveyor.services.trainer.registration import Registrar, RegistrationError
 from conveyor.services.trainer.settings import TrainerSettings
 from conveyor.services.trainer.store import (
@@ -61,16 +60,7 @@ from conveyor.trainer.v1 import resources_pb2 as pb
 
 logger = logging.getLogger(__name__)
 
-WORKER_MODULE: Final = "conveyor.services.trainer.worker"
 SCHEDULER_RETRY_S: Final = 1.0
-
-
-def worker_command(job_dir: Path, world_size: int) -> list[str]:
-    """The command that runs the job in ``job_dir``: one worker process, or
-    ``torchrun`` starting ``world_size`` of them on this machine."""
-    if world_size <= 1:
-        return [sys.executable, "-m", WORKER_MODULE, str(job_dir)]
-    return torchrun_command(job_dir, world_size, module=WORKER_MODULE)
 
 
 def uploaded_datasets(spec: pb.TrainingJobSpec) -> list[str]:
@@ -131,6 +121,10 @@ class JobManager:
         self._wake = asyncio.Event()
         self._scheduler: asyncio.Task[None] | None = None
         self._closing = False
+        self._launcher = WorkerLauncher(
+            standby=settings.standby_worker and settings.max_running_jobs > 0,
+            threads=cpu_threads(settings.cpu_threads_per_job, settings.max_running_jobs),
+        )
         self.state_listeners: list[Callable[[pb.TrainingJob], None]] = []
         """Told of every state change (the sweeps follow their trials)."""
 
@@ -164,6 +158,7 @@ class JobManager:
     async def start(self) -> None:
         """Resume the jobs a previous trainer left RUNNING, then start scheduling."""
         await self._workers.run(self.jobs_dir.mkdir, parents=True, exist_ok=True)
+        await self._launcher.start()
         await self._recover()
         self._scheduler = asyncio.create_task(self._schedule(), name="trainer-scheduler")
         self.notify()
@@ -185,6 +180,7 @@ class JobManager:
             job.detached = True
             job.send_signal(signal.SIGTERM)
         tasks = [job.task for job in running if job.task is not None]
+        await self._launcher.close()
         if not tasks:
             return
         _, pending = await asyncio.wait(
@@ -358,16 +354,7 @@ class JobManager:
     async def _run_worker(self, running: _Running) -> int:
         """Start the worker, follow its progress until it exits; its exit code."""
         job = running.job
-        command = worker_command(running.job_dir, job.environment.world_size)
-        with (running.job_dir / protocol.LOG_FILE).open("ab") as log:
-            process = await asyncio.create_subprocess_exec(
-                *command,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=log,
-                start_new_session=True,
-                limit=protocol.MAX_EVENT_LINE_BYTES,
-            )
+        process = await self._launcher.launch(running.job_dir, job.environment.world_size)
         running.process = process
         logger.info("worker started", extra={"training_job": job.name, "pid": process.pid})
         if job.cancel_requested or self._closing:
@@ -422,7 +409,7 @@ class JobManager:
             job.history.append(summary)
             job.progress.CopyFrom(progress)
             _touch(job)
-            await self._persist(running)
+            # Saved with the checkpoint that follows every epoch: one save per epoch.
             self._hub.publish(
                 name,
                 event(pb.TRAINING_JOB_EVENT_TYPE_EPOCH_COMPLETED, epoch=summary, progress=progress),

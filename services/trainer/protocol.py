@@ -53,6 +53,8 @@ EVALUATION_REPORT_FILE: Final = "evaluation_report.json"
 RESULT_FILE: Final = "result.binpb"
 DATASETS_DIR: Final = "datasets"
 LOG_FILE: Final = "worker.log"
+STANDBY_FLAG: Final = "--standby"
+"""The worker's argument that makes it warm up and read its job directory from stdin."""
 
 EXIT_SUCCEEDED: Final = 0
 EXIT_FAILED: Final = 1

@@ -32,7 +32,7 @@ from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from functools import partial
 from pathlib import Path
-from typing import Any, BinaryIO, Final
+from typing import Any, BinaryIO, Final, TextIO
 
 import grpc
 import numpy as np
@@ -43,6 +43,7 @@ from conveyor.registry.v1 import resources_pb2 as registry_pb
 from conveyor.services.trainer import distributed, protocol
 from conveyor.services.trainer.architectures import model_signature
 from conveyor.services.trainer.datasets import LoadedDataset, load_training_data
+from conveyor.services.trainer.distributed import WORKER_MODULE
 from conveyor.services.trainer.evaluation import (
     Evaluation,
     evaluate,
@@ -75,19 +76,54 @@ _PR_SET_PDEATHSIG: Final = 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point: ``python -m conveyor.services.trainer.worker JOB_DIR``."""
+    """Entry point: ``python -m conveyor.services.trainer.worker JOB_DIR``, or
+    ``... worker --standby`` to warm up first and then read the job directory
+    from stdin (see :func:`wait_for_job`)."""
     signal.signal(signal.SIGTERM, lambda _signum, _frame: CANCEL.set())
     _die_with_parent()
     events = _take_stdout()
     args = list(sys.argv[1:] if argv is None else argv)
+    standby = args == [protocol.STANDBY_FLAG]
+    if standby:
+        job_dir = wait_for_job(sys.stdin)
+        if job_dir is None:
+            return 0
+        args = [str(job_dir)]
     if len(args) != 1:
-        print("usage: python -m conveyor.services.trainer.worker JOB_DIR", file=sys.stderr)
+        print(f"usage: python -m {WORKER_MODULE} JOB_DIR | --standby", file=sys.stderr)
         return 2
     placement = WorkerEnvironment()
     configure_logging("trainer-worker")
+    if standby:
+        logger.info("a standby worker took the job", extra={"pid": os.getpid()})
     return run_job(
         Path(args[0]), rank=placement.rank, world_size=placement.world_size, events=events
     )
+
+
+def warm_up() -> None:
+    """Import now what a job would import on its way to its first step: the
+    built-in datasets' loader, and ``torch._dynamo``, which creating any
+    optimizer imports (about 2 s in a fresh process)."""
+    import sklearn.datasets  # noqa: F401
+    import torch._dynamo  # noqa: F401
+
+
+def wait_for_job(commands: TextIO) -> Path | None:
+    """A standby worker's wait: warm up, then read the job directory, one line,
+    from ``commands``; None when it closes first (the trainer no longer needs
+    this worker). The job's log file becomes this process's stdout and
+    stderr, as it would have been for a worker started for the job."""
+    warm_up()
+    line = commands.readline().strip()
+    if not line:
+        return None
+    job_dir = Path(line)
+    log = os.open(job_dir / protocol.LOG_FILE, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    os.dup2(log, 1)
+    os.dup2(log, 2)
+    os.close(log)
+    return job_dir
 
 
 def run_job(
@@ -439,5 +475,15 @@ def _die_with_parent() -> None:
         logger.warning("cannot tie the worker's life to the trainer's")
 
 
+def _exit(code: int) -> None:
+    """End the process once its output is flushed, without the 1.5 s an
+    interpreter takes to tear down PyTorch's thousands of modules: the job is
+    done once its files and result line are written."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    _exit(main())
