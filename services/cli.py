@@ -8,8 +8,9 @@ Ctrl-C or SIGTERM; ``conveyor health HOST:PORT`` exits 0 when a server is SERVIN
 registry and ``conveyor registry backup|restore`` snapshots one
 (:mod:`conveyor.services.registry.cli`); ``conveyor audit …`` and ``conveyor
 approve`` talk to the policy service (:mod:`conveyor.services.policy.cli`);
-``conveyor train`` and ``conveyor jobs …`` create, follow and cancel training
-jobs (:mod:`conveyor.services.trainer.cli`); ``conveyor credentials`` writes
+``conveyor train``, ``conveyor jobs …`` and ``conveyor sweeps …`` create, follow
+and cancel training jobs and hyperparameter sweeps
+(:mod:`conveyor.services.trainer.cli`); ``conveyor credentials`` writes
 development tokens. This module only wires their arguments.
 """
 
@@ -278,9 +279,10 @@ def _add_trainer_commands(commands: _Subparsers[argparse.ArgumentParser]) -> Non
     trainer_cli.add_client_arguments(client)
     train = commands.add_parser(
         "train",
-        help="train a model on a dataset and follow the job",
+        help="train a model on a dataset (or sweep its hyperparameters) and follow the job",
         description="Create a training job and follow it: progress on stderr, the result "
-        "on stdout. Ctrl-C stops following; the job keeps running.",
+        "on stdout. With --sweep, create a hyperparameter sweep instead and follow its "
+        "trials. Ctrl-C stops following; the job or sweep keeps running.",
         parents=[client],
     )
     trainer_cli.add_train_arguments(train)
@@ -302,6 +304,26 @@ def _add_trainer_commands(commands: _Subparsers[argparse.ArgumentParser]) -> Non
     ):
         parser = sub.add_parser(name, help=help, description=help, parents=[client])
         parser.add_argument("job", help="the job's id or trainingJobs/{id}")
+        parser.set_defaults(handler=partial(trainer_cli.run, command))
+    sweeps = commands.add_parser(
+        "sweeps", help="list, show, watch and cancel hyperparameter sweeps"
+    )
+    sweeps.set_defaults(handler=_usage(sweeps))
+    sub = sweeps.add_subparsers(metavar="COMMAND")
+    listing = sub.add_parser("list", help="hyperparameter sweeps, newest first", parents=[client])
+    listing.add_argument("--state", type=str.lower, choices=trainer_cli.STATES)
+    listing.add_argument("--filter", help="AIP-160, e.g. 'labels.team=\"fraud\"'")
+    listing.add_argument(
+        "--limit", type=trainer_cli.positive, default=50, help="at most this many (default: 50)"
+    )
+    listing.set_defaults(handler=partial(trainer_cli.run, trainer_cli.sweeps_list))
+    for name, command, help in (
+        ("show", trainer_cli.sweeps_show, "a sweep's spec, state, trials and best trial"),
+        ("watch", trainer_cli.sweeps_watch, "follow a sweep to its end (exit 0 if it succeeded)"),
+        ("cancel", trainer_cli.sweeps_cancel, "cancel a sweep and its running trials"),
+    ):
+        parser = sub.add_parser(name, help=help, description=help, parents=[client])
+        parser.add_argument("sweep", help="the sweep's id or sweepJobs/{id}")
         parser.set_defaults(handler=partial(trainer_cli.run, command))
 
 

@@ -1,4 +1,5 @@
-"""``conveyor train`` and ``conveyor jobs …``: the trainer for people.
+"""``conveyor train``, ``conveyor jobs …`` and ``conveyor sweeps …``: the trainer
+for people.
 
 ``conveyor train DATASET --arch mlp --epochs 20 …`` builds a
 ``TrainingJobSpec`` from its flags, creates the job through the trainer's
@@ -9,12 +10,39 @@ each epoch is one plain line), then the result on stdout (test and validation
 metrics, confusion matrix, the registered version). ``conveyor jobs
 list|show|watch|cancel`` read and steer jobs.
 
-Ctrl-C while following a job stops following it: the job keeps running, and
-the command says how to follow it again or cancel it (``conveyor jobs cancel
-JOB``); it exits 130. Exit codes: 0 when the call worked (and a followed job
-SUCCEEDED); 1 when a call failed (``conveyor: <CODE>: <message>``, the field
-violations, a hint — the format of every command) or a followed job FAILED or
-was CANCELLED; 2 for usage errors. ``--json`` prints the API's own messages
+``conveyor train DATASET … --sweep PATH=DOMAIN [--sweep …]`` makes that spec
+the base of a hyperparameter sweep instead (``CreateSweepJob``). Each
+``--sweep`` varies one field of ``TrainingJobSpec``, named by its path
+(``hyperparameters.learning_rate``, ``hyperparameters.optimizer``,
+``architecture.args.hidden_sizes``, …), over a DOMAIN:
+
+- ``1e-4..1e-1``: a real range; ``log:1e-4..1e-1`` on a log scale. Grid
+  search tries ``--grid-points`` evenly spaced points of it (default 3).
+- ``16..64:16``: the integers from 16 to 64 in steps of 16; ``1..5`` (whole
+  bounds, no step) the integers 1 to 5.
+- ``sgd,adam`` or ``0.1,0.2``: a list of values, each read as JSON where it
+  parses (numbers, ``true``, ``[32,16]``) and as text otherwise. A DOMAIN that
+  starts with ``[`` is one JSON list of values, for values that are lists
+  themselves: ``[[32,16],[64]]``.
+
+``--search grid`` (every combination, the default) or ``random`` (seeded by
+``--sweep-seed``); ``--trials`` (default: the whole grid, at most 1,000; 10
+for random search); ``--parallel`` trials at once (default 1); ``--objective``,
+the validation metric that ranks the trials (default: the early-stopping
+metric, else accuracy), and ``--objective-goal``; ``--sweep-id``. With
+``--register-model`` the best trial is registered. The command follows the
+sweep: a line on stderr whenever a trial is queued, starts or ends, then on
+stdout the table of trials (the best marked ``*``), the best trial and the
+registered version. ``conveyor sweeps list|show|watch|cancel`` read and steer
+sweeps.
+
+Ctrl-C while following a job or a sweep stops following it: it keeps running,
+and the command says how to follow it again or cancel it (``conveyor jobs
+cancel JOB``, ``conveyor sweeps cancel SWEEP``); it exits 130. Exit codes: 0
+when the call worked (and a followed job or sweep SUCCEEDED); 1 when a call
+failed (``conveyor: <CODE>: <message>``, the field violations, a hint — the
+format of every command) or a followed job or sweep FAILED or was CANCELLED;
+2 for usage errors. ``--json`` prints the API's own messages
 (proto3 JSON, proto field names) on stdout; progress stays on stderr.
 """
 
@@ -24,6 +52,8 @@ import argparse
 import asyncio
 import dataclasses
 import json
+import math
+import re
 import sys
 import uuid
 from collections.abc import Awaitable, Callable
@@ -32,10 +62,17 @@ from typing import TYPE_CHECKING, Any, Final
 
 import grpc
 import pydantic
+from google.protobuf import json_format
 
 from conveyor.services.registry import cli_output as out
 from conveyor.services.trainer import cli_output as job_out
-from conveyor.services.trainer.cli_output import TERMINAL, ProgressView, job_id
+from conveyor.services.trainer.cli_output import (
+    TERMINAL,
+    ProgressView,
+    SweepView,
+    job_id,
+    sweep_id,
+)
 from conveyor.shared.channel import create_channel
 from conveyor.shared.errors import ConveyorError, InvalidArgumentError, from_rpc_error
 from conveyor.shared.settings import ClientSettings
@@ -56,6 +93,13 @@ OPTIMIZERS: Final = {
 DEVICES: Final = {"auto": pb.DEVICE_AUTO, "cpu": pb.DEVICE_CPU, "cuda": pb.DEVICE_CUDA}
 BACKENDS: Final = {"gloo": pb.DISTRIBUTED_BACKEND_GLOO, "nccl": pb.DISTRIBUTED_BACKEND_NCCL}
 GOALS: Final = {"maximize": pb.METRIC_GOAL_MAXIMIZE, "minimize": pb.METRIC_GOAL_MINIMIZE}
+SEARCHES: Final = {"grid": pb.SEARCH_ALGORITHM_GRID, "random": pb.SEARCH_ALGORITHM_RANDOM}
+DEFAULT_GRID_POINTS: Final = 3
+DEFAULT_RANDOM_TRIALS: Final = 10
+DEFAULT_OBJECTIVE: Final = "accuracy"
+MAX_INT32: Final = 2**31 - 1
+MAX_INT64: Final = 2**63 - 1
+MAX_UINT64: Final = 2**64 - 1
 LIST_PAGE_SIZE: Final = 100
 EXIT_INTERRUPTED: Final = 130
 
@@ -87,6 +131,35 @@ _FLAGS: Final = (
     ("training_job.spec.compute", "--device"),
     ("training_job.spec.registration", "--register-model"),
 )
+_SWEEP_FLAGS: Final = (
+    # The same for a sweep; list indexes are dropped before matching.
+    ("sweep_job_id", "--sweep-id"),
+    ("sweep_job.display_name", "--display-name"),
+    ("sweep_job.labels", "--label"),
+    ("sweep_job.spec.parameters.double_range.grid_points", "--grid-points"),
+    ("sweep_job.spec.parameters", "--sweep"),
+    ("sweep_job.spec.algorithm", "--search"),
+    ("sweep_job.spec.max_trials", "--trials"),
+    ("sweep_job.spec.max_parallel_trials", "--parallel"),
+    ("sweep_job.spec.objective_metric", "--objective"),
+    ("sweep_job.spec.objective_goal", "--objective-goal"),
+    *(
+        ("sweep_job.spec.base_spec" + field.removeprefix("training_job.spec"), flag)
+        for field, flag in _FLAGS
+        if field.startswith("training_job.spec")
+    ),
+)
+_SWEEP_ONLY: Final = (
+    # The flags that shape a sweep: meaningless without --sweep.
+    ("search", "--search"),
+    ("trials", "--trials"),
+    ("parallel", "--parallel"),
+    ("objective", "--objective"),
+    ("objective_goal", "--objective-goal"),
+    ("grid_points", "--grid-points"),
+    ("sweep_seed", "--sweep-seed"),
+    ("sweep_id", "--sweep-id"),
+)
 
 
 class UsageError(Exception):
@@ -95,10 +168,13 @@ class UsageError(Exception):
 
 @dataclasses.dataclass
 class Following:
-    """The job a command is following, so that Ctrl-C can say which."""
+    """The job or sweep a command is following, so that Ctrl-C can say which."""
 
     job: str = ""
+    """``trainingJobs/{id}`` or ``sweepJobs/{id}``, once known."""
     creating: bool = False
+    sweep: bool = False
+    """The command is about a sweep (its hints name the sweep commands)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -248,6 +324,64 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_false",
         help="print the job's name and return once it is queued",
     )
+    sweep = parser.add_argument_group(
+        "sweep",
+        "With --sweep the flags above are the base spec of a hyperparameter sweep: its "
+        "trials are training jobs that each vary the --sweep fields, ranked by a "
+        "validation metric; --register-model registers the best trial.",
+    )
+    sweep.add_argument(
+        "--sweep",
+        dest="parameters",
+        type=sweep_parameter,
+        action="append",
+        default=[],
+        metavar="PATH=DOMAIN",
+        help="vary the spec field PATH (hyperparameters.learning_rate, "
+        "architecture.args.hidden_sizes, …) over DOMAIN: a real range 1e-4..1e-1, "
+        "log:1e-4..1e-1 on a log scale; integers 16..64:16 (1..5: step 1); a list "
+        "sgd,adam or 0.1,0.2 (JSON values where they parse, else text); a JSON list "
+        "[[32,16],[64]] for values that are lists (repeatable)",
+    )
+    sweep.add_argument(
+        "--search",
+        choices=sorted(SEARCHES),
+        help="grid: every combination (default); random: draws from the domains",
+    )
+    sweep.add_argument(
+        "--trials",
+        type=_whole_number(1, job_out.MAX_TRIALS),
+        metavar="N",
+        help="how many trials (default: the whole grid, at most 1000; random: 10)",
+    )
+    sweep.add_argument(
+        "--parallel",
+        type=_whole_number(1, MAX_INT32),
+        metavar="N",
+        help="trials at once (default: 1)",
+    )
+    sweep.add_argument(
+        "--objective",
+        metavar="METRIC",
+        help="the validation metric that ranks trials (default: --early-stopping-metric, "
+        "else accuracy)",
+    )
+    sweep.add_argument(
+        "--objective-goal", choices=sorted(GOALS), help="default: minimize for losses"
+    )
+    sweep.add_argument(
+        "--grid-points",
+        type=_whole_number(1, MAX_INT32),
+        metavar="N",
+        help=f"points of each real range in a grid search (default: {DEFAULT_GRID_POINTS})",
+    )
+    sweep.add_argument(
+        "--sweep-seed",
+        type=_whole_number(0, MAX_UINT64),
+        metavar="N",
+        help="seed of random search (default: 0)",
+    )
+    sweep.add_argument("--sweep-id", metavar="ID", help="the sweep's id (default: generated)")
 
 
 def training_spec(args: argparse.Namespace) -> pb.TrainingJobSpec:
@@ -303,6 +437,149 @@ def training_spec(args: argparse.Namespace) -> pb.TrainingJobSpec:
     return spec
 
 
+def sweep_spec(args: argparse.Namespace) -> pb.SweepJobSpec:
+    """The sweep the flags describe, around ``training_spec(args)``; UsageError
+    for flags that cannot go together. As there, the values are the trainer's
+    to check."""
+    if not args.parameters:
+        raise UsageError("a sweep needs at least one --sweep PATH=DOMAIN")
+    if args.job_id:
+        raise UsageError(
+            "--job-id names one training job; a sweep names its trials after itself: use --sweep-id"
+        )
+    algorithm = SEARCHES[args.search or "grid"]
+    random = algorithm == pb.SEARCH_ALGORITHM_RANDOM
+    if random and args.grid_points is not None:
+        raise UsageError("--grid-points spaces a grid; random search draws from the whole range")
+    if not random and args.sweep_seed is not None:
+        raise UsageError("--sweep-seed seeds random search: add --search random")
+    spec = pb.SweepJobSpec(
+        base_spec=training_spec(args),
+        algorithm=algorithm,
+        max_parallel_trials=args.parallel or 1,
+        objective_metric=args.objective or args.early_stopping_metric or DEFAULT_OBJECTIVE,
+        seed=args.sweep_seed or 0,
+    )
+    if args.objective_goal:
+        spec.objective_goal = GOALS[args.objective_goal]
+    for given in args.parameters:
+        parameter = spec.parameters.add()
+        parameter.CopyFrom(given)
+        if parameter.HasField("double_range") and not random:
+            parameter.double_range.grid_points = (
+                DEFAULT_GRID_POINTS if args.grid_points is None else args.grid_points
+            )
+    if args.trials:
+        spec.max_trials = args.trials
+    elif random:
+        spec.max_trials = DEFAULT_RANDOM_TRIALS
+    else:
+        # At least 1, so that an empty grid is named by its parameter, not by max_trials.
+        spec.max_trials = min(max(job_out.grid_size(spec.parameters), 1), job_out.MAX_TRIALS)
+    return spec
+
+
+def _no_sweep_flags(args: argparse.Namespace) -> None:
+    for dest, flag in _SWEEP_ONLY:
+        if getattr(args, dest, None) is not None:
+            raise UsageError(f"{flag} shapes a sweep: add --sweep PATH=DOMAIN")
+
+
+def sweep_parameter(text: str) -> pb.ParameterSpec:
+    """``PATH=DOMAIN`` (see the module docstring) as the parameter it varies; a
+    real range's grid points come from ``--grid-points`` (:func:`sweep_spec`)."""
+    path, sep, domain = (part.strip() for part in text.partition("="))
+    if not sep or not path or not domain:
+        raise argparse.ArgumentTypeError(
+            f"expected PATH=DOMAIN (e.g. hyperparameters.learning_rate=log:1e-4..1e-1), "
+            f"got {text!r}"
+        )
+    try:
+        parameter = _domain(domain)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"{error}, got {text!r}") from None
+    parameter.path = path
+    return parameter
+
+
+def _domain(text: str) -> pb.ParameterSpec:
+    """The DOMAIN of ``--sweep``; ValueError says what was expected."""
+    if text.startswith("["):
+        try:
+            values = json.loads(text)
+        except ValueError:
+            values = None
+        if not isinstance(values, list) or not values:
+            raise ValueError(
+                "a DOMAIN starting with [ is a JSON list of values, e.g. [[32,16],[64]]"
+            )
+        return _categorical(values)
+    log = text.startswith("log:")
+    body = text.removeprefix("log:")
+    if ".." in body:
+        low_text, _, rest = body.partition("..")
+        high_text, has_step, step_text = rest.partition(":")
+        low, high = _whole(low_text), _whole(high_text)
+        if has_step:
+            step = _whole(step_text)
+            if log or low is None or high is None or step is None:
+                raise ValueError(
+                    "a range with a step is whole numbers LOW..HIGH:STEP, e.g. 16..64:16"
+                )
+            if step < 1:
+                raise ValueError("the STEP of LOW..HIGH:STEP must be at least 1")
+            return pb.ParameterSpec(integer_range=pb.IntegerRange(min=low, max=high, step=step))
+        if not log and low is not None and high is not None:
+            return pb.ParameterSpec(integer_range=pb.IntegerRange(min=low, max=high, step=1))
+        real_low, real_high = _real(low_text), _real(high_text)
+        if real_low is None or real_high is None:
+            raise ValueError("a range is two numbers LOW..HIGH, e.g. 1e-4..1e-1")
+        return pb.ParameterSpec(
+            double_range=pb.DoubleRange(min=real_low, max=real_high, log_scale=log)
+        )
+    if log:
+        raise ValueError("log: takes a real range, e.g. log:1e-4..1e-1")
+    items = [item.strip() for item in text.split(",")]
+    if not all(items):
+        raise ValueError("a list of values is A,B,C with none empty")
+    values = [_json_or_text(item) for item in items]
+    if any(isinstance(value, str) and value.startswith(("[", "{")) for value in values):
+        raise ValueError(
+            "commas split A,B,C: write values that are lists as one JSON list, e.g. [[32,16],[64]]"
+        )
+    return _categorical(values)
+
+
+def _categorical(values: list[Any]) -> pb.ParameterSpec:
+    parameter = pb.ParameterSpec(categorical=pb.CategoricalValues())
+    for value in values:
+        json_format.ParseDict(value, parameter.categorical.values.add())
+    return parameter
+
+
+def _whole(text: str) -> int | None:
+    """A whole number that fits the API's int64, written as one (``16``, ``-2``)."""
+    text = text.strip()
+    if not re.fullmatch(r"[+-]?[0-9]+", text) or abs(int(text)) > MAX_INT64:
+        return None
+    return int(text)
+
+
+def _real(text: str) -> float | None:
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return value if math.isfinite(value) else None
+
+
+def _json_or_text(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
 def _seconds(text: str) -> float:
     try:
         value = float(text)
@@ -322,6 +599,24 @@ def positive(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
     return value
+
+
+def _whole_number(low: int, high: int) -> Callable[[str], int]:
+    """An argparse type: a whole number from ``low`` to ``high`` (what the API's
+    field holds)."""
+
+    def whole_number(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = low - 1
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(
+                f"expected a whole number from {low:,} to {high:,}, got {text!r}"
+            )
+        return value
+
+    return whole_number
 
 
 def _key_value(text: str) -> tuple[str, Any]:
@@ -392,12 +687,17 @@ def job_name(text: str) -> str:
     return text if text.startswith("trainingJobs/") else f"trainingJobs/{text}"
 
 
+def sweep_name(text: str) -> str:
+    """``sweepJobs/abc`` from ``abc`` or ``sweepJobs/abc``."""
+    return text if text.startswith("sweepJobs/") else f"sweepJobs/{text}"
+
+
 # -- running a command --------------------------------------------------------------
 
 
 def run(command: Command, args: argparse.Namespace) -> int:
     """Runs ``command`` against the trainer; every expected failure exits 1."""
-    following = Following()
+    following = Following(sweep=_about_sweeps(args))
     target = getattr(args, "trainer", None) or "the trainer"
     try:
         settings = ClientSettings()
@@ -439,22 +739,28 @@ async def _with_session(
         return await command(Session(stub, target, timeout, following), args)
 
 
+def _about_sweeps(args: argparse.Namespace) -> bool:
+    """Whether the command creates or reads sweeps (``train --sweep``, ``sweeps …``)."""
+    return args.command == "sweeps" or bool(getattr(args, "parameters", None))
+
+
 def _interrupted(following: Following) -> None:
+    group, what = ("sweeps", "sweep") if following.sweep else ("jobs", "job")
     if following.creating:
         print(
-            "\nconveyor: interrupted before the trainer answered; `conveyor jobs list` "
-            "shows whether the job was created",
+            f"\nconveyor: interrupted before the trainer answered; `conveyor {group} list` "
+            f"shows whether the {what} was created",
             file=sys.stderr,
         )
         return
     if not following.job:
         print("\nconveyor: interrupted", file=sys.stderr)
         return
-    short = job_id(following.job)
+    short = sweep_id(job_id(following.job))
     print(
         f"\nstopped watching {following.job}; it keeps running.\n"
-        f"  follow it again: conveyor jobs watch {short}\n"
-        f"  cancel it:       conveyor jobs cancel {short}",
+        f"  follow it again: conveyor {group} watch {short}\n"
+        f"  cancel it:       conveyor {group} cancel {short}",
         file=sys.stderr,
     )
 
@@ -463,36 +769,28 @@ def hint(
     error: ConveyorError, args: argparse.Namespace, *, target: str, following: Following
 ) -> str:
     """What to do next after a failed call."""
+    if following.sweep:
+        return _sweep_hint(error, args, target=target, following=following)
     code = error.code
     command = args.command
     job = job_id(following.job or job_name(getattr(args, "job", "") or "JOB"))
     if code == grpc.StatusCode.UNAVAILABLE:
-        where = (
-            f"is a trainer running at {target}? start one with `conveyor serve trainer` "
-            "(or `conveyor up`), or point at it with --trainer HOST:PORT or "
-            "CONVEYOR_TRAINER_ADDR"
-        )
+        where = _unavailable(target)
         if following.job:
             where += f"; the job keeps running: `conveyor jobs watch {job}` follows it again"
         return where
     if code == grpc.StatusCode.INVALID_ARGUMENT:
-        flags = _flags(error)
+        flags = _flags(error, _FLAGS)
         if command == "train" and flags:
             return f"fix {', '.join(flags)} and run the command again"
         return "fix the fields named above and run the command again"
     if code == grpc.StatusCode.NOT_FOUND:
         if command == "train":
-            return (
-                "check the dataset (built-in: breast-cancer, digits, synthetic; or an uploaded "
-                "one) and --register-model (`conveyor models list` shows the models)"
-            )
+            return _CREATE_NOT_FOUND
         return "check the name: `conveyor jobs list` shows the jobs"
     if code == grpc.StatusCode.FAILED_PRECONDITION:
         if command == "train":
-            return (
-                "a GPU was asked for where there is none (use --device auto or cpu), or the "
-                "model to register in is archived"
-            )
+            return _CREATE_FAILED_PRECONDITION
         return f"the job has already ended: `conveyor jobs show {job}` says how"
     hints = {
         grpc.StatusCode.ALREADY_EXISTS: (
@@ -502,6 +800,61 @@ def hint(
             "the trainer's queue is full: wait for jobs to finish or cancel some "
             "(`conveyor jobs list --state queued`)"
         ),
+    }
+    return hints.get(code) or _common_hint(code, target)
+
+
+_CREATE_NOT_FOUND: Final = (
+    "check the dataset (built-in: breast-cancer, digits, synthetic; or an uploaded "
+    "one) and --register-model (`conveyor models list` shows the models)"
+)
+_CREATE_FAILED_PRECONDITION: Final = (
+    "a GPU was asked for where there is none (use --device auto or cpu), or the "
+    "model to register in is archived"
+)
+
+
+def _sweep_hint(
+    error: ConveyorError, args: argparse.Namespace, *, target: str, following: Following
+) -> str:
+    """What to do next after a failed call about a sweep."""
+    code = error.code
+    creating = args.command == "train"
+    sweep = sweep_id(following.job or sweep_name(getattr(args, "sweep", "") or "SWEEP"))
+    if code == grpc.StatusCode.UNAVAILABLE:
+        where = _unavailable(target)
+        if following.job:
+            where += f"; the sweep keeps running: `conveyor sweeps watch {sweep}` follows it again"
+        return where
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        flags = _flags(error, _SWEEP_FLAGS)
+        if creating and flags:
+            return f"fix {', '.join(flags)} and run the command again"
+        return "fix the fields named above and run the command again"
+    if code == grpc.StatusCode.NOT_FOUND:
+        if creating:
+            return _CREATE_NOT_FOUND
+        return "check the name: `conveyor sweeps list` shows the sweeps"
+    if code == grpc.StatusCode.FAILED_PRECONDITION:
+        if creating:
+            return _CREATE_FAILED_PRECONDITION
+        return f"the sweep has already ended: `conveyor sweeps show {sweep}` says how"
+    if code == grpc.StatusCode.ALREADY_EXISTS:
+        return "the sweep id is taken: choose another --sweep-id, or see `conveyor sweeps show ID`"
+    return _common_hint(code, target)
+
+
+def _unavailable(target: str) -> str:
+    return (
+        f"is a trainer running at {target}? start one with `conveyor serve trainer` "
+        "(or `conveyor up`), or point at it with --trainer HOST:PORT or "
+        "CONVEYOR_TRAINER_ADDR"
+    )
+
+
+def _common_hint(code: grpc.StatusCode, target: str) -> str:
+    """The hints that do not depend on the command."""
+    hints = {
         grpc.StatusCode.DEADLINE_EXCEEDED: (
             f"no answer in time: raise --timeout, or check `conveyor health {target}`"
         ),
@@ -517,15 +870,16 @@ def hint(
     return hints.get(code, "this looks like a trainer bug: report it with the message above")
 
 
-def _flags(error: ConveyorError) -> list[str]:
+def _flags(error: ConveyorError, table: tuple[tuple[str, str], ...]) -> list[str]:
     """The flags behind the spec fields an INVALID_ARGUMENT names, in order."""
     if not isinstance(error, InvalidArgumentError):
         return []
     flags: list[str] = []
     for violation in error.violations:
-        for prefix, flag in _FLAGS:
-            if violation.field == prefix or violation.field.startswith(prefix):
-                rest = violation.field.removeprefix(prefix).split(".")[0].split("[")[0]
+        field = re.sub(r"\[[^]]*\]", "", violation.field)
+        for prefix, flag in table:
+            if field == prefix or field.startswith(prefix):
+                rest = field.removeprefix(prefix).split(".")[0]
                 named = flag.format(last=rest.replace("_", "-"))
                 if named not in flags:
                     flags.append(named)
@@ -538,6 +892,9 @@ def _flags(error: ConveyorError) -> list[str]:
 
 async def train(session: Session, args: argparse.Namespace) -> int:
     """``conveyor train DATASET …``: create a job, then follow it to its end."""
+    if args.parameters:
+        return await sweep(session, args)
+    _no_sweep_flags(args)
     request = rpc.CreateTrainingJobRequest(
         training_job_id=args.job_id or "",
         training_job=pb.TrainingJob(
@@ -571,6 +928,52 @@ async def train(session: Session, args: argparse.Namespace) -> int:
         return 0
     final = await follow(session, job.name)
     return finish(final, as_json=args.json)
+
+
+async def sweep(session: Session, args: argparse.Namespace) -> int:
+    """``conveyor train DATASET … --sweep PATH=DOMAIN``: create a sweep, then
+    follow its trials to its end."""
+    spec = sweep_spec(args)
+    grid = job_out.grid_size(spec.parameters)
+    searching_grid = spec.algorithm == pb.SEARCH_ALGORITHM_GRID
+    if searching_grid and args.trials is None and grid > spec.max_trials:
+        print(
+            f"conveyor: the grid has {grid:,} combinations; the sweep runs the first "
+            f"{spec.max_trials:,} (coarsen the grid, or use --search random)",
+            file=sys.stderr,
+        )
+    request = rpc.CreateSweepJobRequest(
+        sweep_job_id=args.sweep_id or "",
+        sweep_job=pb.SweepJob(
+            spec=spec, display_name=args.display_name or "", labels=dict(args.label)
+        ),
+        # One id per invocation: a retried call creates the sweep once.
+        request_id=uuid.uuid4().hex,
+        validate_only=args.validate_only,
+    )
+    session.following.creating = True
+    reply = await session.trainer.CreateSweepJob(request, timeout=session.timeout)
+    session.following.creating = False
+    created = reply.sweep_job
+    if args.validate_only:
+        if args.json:
+            out.print_json({"sweep_job": out.message_dict(created)})
+        else:
+            trials = job_out.planned_trials(created.spec)
+            print(f"valid: {created.name} would run {trials} trials; nothing was created")
+        return 0
+    if not args.watch:
+        if args.json:
+            out.print_json({"sweep_job": out.message_dict(created)})
+        else:
+            print(created.name)
+            print(
+                f"follow it with `conveyor sweeps watch {sweep_id(created.name)}`",
+                file=sys.stderr,
+            )
+        return 0
+    final = await follow_sweep(session, created.name)
+    return finish_sweep(final, as_json=args.json)
 
 
 async def jobs_watch(session: Session, args: argparse.Namespace) -> int:
@@ -651,6 +1054,79 @@ async def jobs_cancel(session: Session, args: argparse.Namespace) -> int:
     return 0
 
 
+async def sweeps_list(session: Session, args: argparse.Namespace) -> int:
+    """``conveyor sweeps list``: sweeps newest first, filtered by state or any filter."""
+    restrictions = [f"state={args.state.upper()}"] if args.state else []
+    if args.filter:
+        restrictions.append(args.filter)
+    sweeps: list[pb.SweepJob] = []
+    token = ""
+    while len(sweeps) < args.limit:
+        request = rpc.ListSweepJobsRequest(
+            page_size=min(LIST_PAGE_SIZE, args.limit - len(sweeps)),
+            page_token=token,
+            filter=" AND ".join(restrictions),
+        )
+        reply = await session.trainer.ListSweepJobs(request, timeout=session.timeout)
+        sweeps.extend(reply.sweep_jobs)
+        token = reply.next_page_token
+        if not token:
+            break
+    if args.json:
+        out.print_json({"sweep_jobs": [out.message_dict(sweep) for sweep in sweeps]})
+    elif sweeps:
+        out.print_table(
+            ("sweep", "state", "trials", "best", "best trial", "model version", "created"),
+            [job_out.sweep_row(sweep) for sweep in sweeps],
+        )
+        if token:
+            print(f"(more: raise --limit above {args.limit})", file=sys.stderr)
+    else:
+        print("no sweeps" + (" match" if restrictions else ""), file=sys.stderr)
+    return 0
+
+
+async def sweeps_show(session: Session, args: argparse.Namespace) -> int:
+    """``conveyor sweeps show SWEEP``: its spec, state, trials and outcome."""
+    reply = await session.trainer.GetSweepJob(
+        rpc.GetSweepJobRequest(name=sweep_name(args.sweep)), timeout=session.timeout
+    )
+    found = reply.sweep_job
+    if args.json:
+        out.print_json({"sweep_job": out.message_dict(found)})
+        return 0
+    out.print_fields(job_out.sweep_fields(found))
+    if found.trials:
+        print()
+        out.print_table(*job_out.trials_table(found))
+    return 0
+
+
+async def sweeps_watch(session: Session, args: argparse.Namespace) -> int:
+    """``conveyor sweeps watch SWEEP``: follow a sweep to its end (exit 0 if it succeeded)."""
+    final = await follow_sweep(session, sweep_name(args.sweep))
+    return finish_sweep(final, as_json=args.json)
+
+
+async def sweeps_cancel(session: Session, args: argparse.Namespace) -> int:
+    """``conveyor sweeps cancel SWEEP``: its queued trials end now, running ones
+    after their step; nothing is registered."""
+    reply = await session.trainer.CancelSweepJob(
+        rpc.CancelSweepJobRequest(name=sweep_name(args.sweep)), timeout=session.timeout
+    )
+    found = reply.sweep_job
+    if args.json:
+        out.print_json({"sweep_job": out.message_dict(found)})
+    elif found.state == pb.JOB_STATE_CANCELLED:
+        print(f"{found.name}: cancelled")
+    else:
+        print(
+            f"{found.name}: cancel requested; it ends once its running trials stop after "
+            f"their current step (`conveyor sweeps watch {sweep_id(found.name)}` shows when)"
+        )
+    return 0
+
+
 # -- following a job ----------------------------------------------------------------
 
 
@@ -701,4 +1177,59 @@ def finish(job: pb.TrainingJob, *, as_json: bool) -> int:
     reason = f" [{error.reason}]" if error.reason and error.reason != code else ""
     print(f"conveyor: {job.name} failed: {code}: {error.message}{reason}", file=sys.stderr)
     print(f"hint: `conveyor jobs show {short}` shows the job's spec and progress", file=sys.stderr)
+    return 1
+
+
+# -- following a sweep ----------------------------------------------------------------
+
+
+async def follow_sweep(
+    session: Session, name: str, *, view: SweepView | None = None
+) -> pb.SweepJob:
+    """Watches sweep ``name`` until it reaches a terminal state, a line per trial
+    change; the final sweep. A stream that ends early is resumed."""
+    view = view or SweepView(sys.stderr)
+    session.following.job = name
+    request = rpc.WatchSweepJobRequest(name=name)
+    while True:
+        async for event in session.trainer.WatchSweepJob(request, timeout=None):
+            view.show(event)
+            found = event.sweep_job
+            if event.HasField("sweep_job") and found.state in TERMINAL:
+                return found
+        reply = await session.trainer.GetSweepJob(
+            rpc.GetSweepJobRequest(name=name), timeout=session.timeout
+        )
+        if reply.sweep_job.state in TERMINAL:
+            return reply.sweep_job
+        await asyncio.sleep(1.0)
+
+
+def finish_sweep(found: pb.SweepJob, *, as_json: bool) -> int:
+    """Prints how a followed sweep ended; 0 when it succeeded, else 1."""
+    if as_json:
+        out.print_json({"sweep_job": out.message_dict(found)})
+    else:
+        job_out.print_sweep_result(found)
+    if found.state == pb.JOB_STATE_SUCCEEDED:
+        return 0
+    short = sweep_id(found.name)
+    if found.state == pb.JOB_STATE_CANCELLED:
+        ran = (pb.JOB_STATE_SUCCEEDED, pb.JOB_STATE_FAILED)
+        ended = sum(trial.state in ran for trial in found.trials)
+        print(
+            f"conveyor: {found.name} was cancelled after {ended} of "
+            f"{job_out.planned_trials(found.spec)} trials; nothing was registered",
+            file=sys.stderr,
+        )
+        return 1
+    error = found.error
+    code = job_out.code_name(error.code)
+    reason = f" [{error.reason}]" if error.reason and error.reason != code else ""
+    print(f"conveyor: {found.name} failed: {code}: {error.message}{reason}", file=sys.stderr)
+    print(
+        f"hint: `conveyor sweeps show {short}` lists its trials; `conveyor jobs show TRIAL` "
+        "says why one failed",
+        file=sys.stderr,
+    )
     return 1
