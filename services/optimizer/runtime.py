@@ -1,0 +1,101 @@
+"""ONNX Runtime sessions on the right execution provider, and what ran them.
+
+``onnxruntime-gpu`` lists the CUDA (and TensorRT) providers whether or not a
+GPU is present, and a session asked for CUDA on a machine without one logs
+errors at every creation (``../shared/TRAPS.md``). So the provider follows
+whether a GPU is really there (a CUDA device PyTorch can open), and every
+measurement says which provider ran it.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.metadata
+import os
+import platform
+from typing import Final
+
+import onnxruntime as ort
+import torch
+
+from conveyor.optimizer.v1 import resources_pb2 as pb
+from conveyor.shared.errors import FailedPreconditionError
+
+PROVIDER_NAMES: Final = {
+    pb.EXECUTION_PROVIDER_CPU: "CPUExecutionProvider",
+    pb.EXECUTION_PROVIDER_CUDA: "CUDAExecutionProvider",
+}
+LIBRARIES: Final = ("onnxruntime-gpu", "onnx", "onnxscript", "torch", "numpy", "scikit-learn")
+_ORT_ERRORS_ONLY: Final = 3
+
+
+@functools.cache
+def gpu_present() -> bool:
+    """Whether a CUDA device can really be used here (not merely a CUDA build)."""
+    return bool(torch.cuda.is_available()) and torch.cuda.device_count() > 0
+
+
+def resolve_provider(
+    asked: pb.ExecutionProvider.ValueType = pb.EXECUTION_PROVIDER_UNSPECIFIED,
+) -> pb.ExecutionProvider.ValueType:
+    """The provider a job measures on: CUDA when asked for or, unasked, when a
+    GPU is present; CPU otherwise. FAILED_PRECONDITION for CUDA without a GPU."""
+    if asked == pb.EXECUTION_PROVIDER_CUDA and not gpu_present():
+        raise FailedPreconditionError(
+            "the CUDA execution provider was asked for and no GPU is present",
+            reason="NO_GPU",
+        )
+    if asked == pb.EXECUTION_PROVIDER_UNSPECIFIED:
+        return pb.EXECUTION_PROVIDER_CUDA if gpu_present() else pb.EXECUTION_PROVIDER_CPU
+    return asked
+
+
+def session(
+    model: bytes,
+    provider: pb.ExecutionProvider.ValueType,
+    *,
+    threads: int = 0,
+    optimization_level: ort.GraphOptimizationLevel = ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    optimized_model_path: str = "",
+) -> ort.InferenceSession:
+    """An inference session for the serialized ONNX ``model`` on exactly
+    ``provider`` (no silent fallback to another one)."""
+    options = ort.SessionOptions()
+    options.log_severity_level = _ORT_ERRORS_ONLY
+    options.graph_optimization_level = optimization_level
+    if threads:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    if optimized_model_path:
+        options.optimized_model_filepath = optimized_model_path
+    return ort.InferenceSession(model, sess_options=options, providers=[PROVIDER_NAMES[provider]])
+
+
+def device_description(provider: pb.ExecutionProvider.ValueType) -> str:
+    """The machine a measurement ran on: the GPU's name, or the CPU's and its cores."""
+    if provider == pb.EXECUTION_PROVIDER_CUDA:
+        return str(torch.cuda.get_device_name(0))
+    return f"{_cpu_name()}, {os.cpu_count() or 1} cores"
+
+
+def library_versions() -> dict[str, str]:
+    """The versions of the libraries that produce and measure results."""
+    versions = {}
+    for name in LIBRARIES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+@functools.cache
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
