@@ -36,6 +36,7 @@ from conveyor.services.policy import cli as policy_cli
 from conveyor.services.registry import cli as registry_cli
 from conveyor.services.registry import cli_transfer as transfer
 from conveyor.services.trainer import cli as trainer_cli
+from conveyor.services.trainer import sweep_cli
 from conveyor.shared.auth.credentials import DEV_USERS, write_dev_credentials
 from conveyor.shared.errors import ConveyorError
 from conveyor.shared.health import ServerExitedError, serving_status, wait_until_serving
@@ -286,7 +287,8 @@ def _add_trainer_commands(commands: _Subparsers[argparse.ArgumentParser]) -> Non
         parents=[client],
     )
     trainer_cli.add_train_arguments(train)
-    train.set_defaults(handler=partial(trainer_cli.run, trainer_cli.train))
+    sweep_cli.add_sweep_arguments(train)
+    train.set_defaults(handler=_train)
     jobs = commands.add_parser("jobs", help="list, show, watch and cancel training jobs")
     jobs.set_defaults(handler=_usage(jobs))
     sub = jobs.add_subparsers(metavar="COMMAND")
@@ -316,15 +318,23 @@ def _add_trainer_commands(commands: _Subparsers[argparse.ArgumentParser]) -> Non
     listing.add_argument(
         "--limit", type=trainer_cli.positive, default=50, help="at most this many (default: 50)"
     )
-    listing.set_defaults(handler=partial(trainer_cli.run, trainer_cli.sweeps_list))
+    listing.set_defaults(handler=partial(sweep_cli.run, sweep_cli.sweeps_list))
     for name, command, help in (
-        ("show", trainer_cli.sweeps_show, "a sweep's spec, state, trials and best trial"),
-        ("watch", trainer_cli.sweeps_watch, "follow a sweep to its end (exit 0 if it succeeded)"),
-        ("cancel", trainer_cli.sweeps_cancel, "cancel a sweep and its running trials"),
+        ("show", sweep_cli.sweeps_show, "a sweep's spec, state, trials and best trial"),
+        ("watch", sweep_cli.sweeps_watch, "follow a sweep to its end (exit 0 if it succeeded)"),
+        ("cancel", sweep_cli.sweeps_cancel, "cancel a sweep and its running trials"),
     ):
         parser = sub.add_parser(name, help=help, description=help, parents=[client])
         parser.add_argument("sweep", help="the sweep's id or sweepJobs/{id}")
-        parser.set_defaults(handler=partial(trainer_cli.run, command))
+        parser.set_defaults(handler=partial(sweep_cli.run, command))
+
+
+def _train(args: argparse.Namespace) -> int:
+    """``conveyor train``: with --sweep a hyperparameter sweep, else one training
+    job (chosen here, as the sweep commands build on the job commands)."""
+    if args.parameters:
+        return sweep_cli.run(sweep_cli.sweep, args)
+    return trainer_cli.run(sweep_cli.train_job, args)
 
 
 def _usage(parser: argparse.ArgumentParser) -> Handler:

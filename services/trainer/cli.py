@@ -1,5 +1,4 @@
-"""``conveyor train``, ``conveyor jobs …`` and ``conveyor sweeps …``: the trainer
-for people.
+"""``conveyor train`` and ``conveyor jobs …``: the trainer for people.
 
 ``conveyor train DATASET --arch mlp --epochs 20 …`` builds a
 ``TrainingJobSpec`` from its flags, creates the job through the trainer's
@@ -10,39 +9,17 @@ each epoch is one plain line), then the result on stdout (test and validation
 metrics, confusion matrix, the registered version). ``conveyor jobs
 list|show|watch|cancel`` read and steer jobs.
 
-``conveyor train DATASET … --sweep PATH=DOMAIN [--sweep …]`` makes that spec
-the base of a hyperparameter sweep instead (``CreateSweepJob``). Each
-``--sweep`` varies one field of ``TrainingJobSpec``, named by its path
-(``hyperparameters.learning_rate``, ``hyperparameters.optimizer``,
-``architecture.args.hidden_sizes``, …), over a DOMAIN:
+With ``--sweep PATH=DOMAIN`` the same flags are the base spec of a
+hyperparameter sweep instead; that command and ``conveyor sweeps …`` are
+:mod:`conveyor.services.trainer.sweep_cli`, built on this module's session,
+flags, spec and error reporting (:func:`run`, :func:`training_spec`).
 
-- ``1e-4..1e-1``: a real range; ``log:1e-4..1e-1`` on a log scale. Grid
-  search tries ``--grid-points`` evenly spaced points of it (default 3).
-- ``16..64:16``: the integers from 16 to 64 in steps of 16; ``1..5`` (whole
-  bounds, no step) the integers 1 to 5.
-- ``sgd,adam`` or ``0.1,0.2``: a list of values, each read as JSON where it
-  parses (numbers, ``true``, ``[32,16]``) and as text otherwise. A DOMAIN that
-  starts with ``[`` is one JSON list of values, for values that are lists
-  themselves: ``[[32,16],[64]]``.
-
-``--search grid`` (every combination, the default) or ``random`` (seeded by
-``--sweep-seed``); ``--trials`` (default: the whole grid, at most 1,000; 10
-for random search); ``--parallel`` trials at once (default 1); ``--objective``,
-the validation metric that ranks the trials (default: the early-stopping
-metric, else accuracy), and ``--objective-goal``; ``--sweep-id``. With
-``--register-model`` the best trial is registered. The command follows the
-sweep: a line on stderr whenever a trial is queued, starts or ends, then on
-stdout the table of trials (the best marked ``*``), the best trial and the
-registered version. ``conveyor sweeps list|show|watch|cancel`` read and steer
-sweeps.
-
-Ctrl-C while following a job or a sweep stops following it: it keeps running,
-and the command says how to follow it again or cancel it (``conveyor jobs
-cancel JOB``, ``conveyor sweeps cancel SWEEP``); it exits 130. Exit codes: 0
-when the call worked (and a followed job or sweep SUCCEEDED); 1 when a call
-failed (``conveyor: <CODE>: <message>``, the field violations, a hint — the
-format of every command) or a followed job or sweep FAILED or was CANCELLED;
-2 for usage errors. ``--json`` prints the API's own messages
+Ctrl-C while following a job stops following it: it keeps running, and the
+command says how to follow it again or cancel it (``conveyor jobs cancel
+JOB``); it exits 130. Exit codes: 0 when the call worked (and a followed job
+SUCCEEDED); 1 when a call failed (``conveyor: <CODE>: <message>``, the field
+violations, a hint — the format of every command) or a followed job FAILED or
+was CANCELLED; 2 for usage errors. ``--json`` prints the API's own messages
 (proto3 JSON, proto field names) on stdout; progress stays on stderr.
 """
 
@@ -52,27 +29,19 @@ import argparse
 import asyncio
 import dataclasses
 import json
-import math
 import re
 import sys
 import uuid
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import grpc
 import pydantic
-from google.protobuf import json_format
 
 from conveyor.services.registry import cli_output as out
 from conveyor.services.trainer import cli_output as job_out
-from conveyor.services.trainer.cli_output import (
-    TERMINAL,
-    ProgressView,
-    SweepView,
-    job_id,
-    sweep_id,
-)
+from conveyor.services.trainer.cli_output import TERMINAL, ProgressView, job_id, sweep_id
 from conveyor.shared.channel import create_channel
 from conveyor.shared.errors import ConveyorError, InvalidArgumentError, from_rpc_error
 from conveyor.shared.settings import ClientSettings
@@ -93,17 +62,13 @@ OPTIMIZERS: Final = {
 DEVICES: Final = {"auto": pb.DEVICE_AUTO, "cpu": pb.DEVICE_CPU, "cuda": pb.DEVICE_CUDA}
 BACKENDS: Final = {"gloo": pb.DISTRIBUTED_BACKEND_GLOO, "nccl": pb.DISTRIBUTED_BACKEND_NCCL}
 GOALS: Final = {"maximize": pb.METRIC_GOAL_MAXIMIZE, "minimize": pb.METRIC_GOAL_MINIMIZE}
-SEARCHES: Final = {"grid": pb.SEARCH_ALGORITHM_GRID, "random": pb.SEARCH_ALGORITHM_RANDOM}
-DEFAULT_GRID_POINTS: Final = 3
-DEFAULT_RANDOM_TRIALS: Final = 10
-DEFAULT_OBJECTIVE: Final = "accuracy"
+MIN_INT32: Final = -(2**31)
 MAX_INT32: Final = 2**31 - 1
-MAX_INT64: Final = 2**63 - 1
 MAX_UINT64: Final = 2**64 - 1
 LIST_PAGE_SIZE: Final = 100
 EXIT_INTERRUPTED: Final = 130
 
-_FLAGS: Final = (
+FLAGS: Final = (
     # The flag behind each spec field the trainer may refuse, most specific first.
     ("training_job_id", "--job-id"),
     ("training_job.display_name", "--display-name"),
@@ -131,39 +96,10 @@ _FLAGS: Final = (
     ("training_job.spec.compute", "--device"),
     ("training_job.spec.registration", "--register-model"),
 )
-_SWEEP_FLAGS: Final = (
-    # The same for a sweep; list indexes are dropped before matching.
-    ("sweep_job_id", "--sweep-id"),
-    ("sweep_job.display_name", "--display-name"),
-    ("sweep_job.labels", "--label"),
-    ("sweep_job.spec.parameters.double_range.grid_points", "--grid-points"),
-    ("sweep_job.spec.parameters", "--sweep"),
-    ("sweep_job.spec.algorithm", "--search"),
-    ("sweep_job.spec.max_trials", "--trials"),
-    ("sweep_job.spec.max_parallel_trials", "--parallel"),
-    ("sweep_job.spec.objective_metric", "--objective"),
-    ("sweep_job.spec.objective_goal", "--objective-goal"),
-    *(
-        ("sweep_job.spec.base_spec" + field.removeprefix("training_job.spec"), flag)
-        for field, flag in _FLAGS
-        if field.startswith("training_job.spec")
-    ),
-)
-_SWEEP_ONLY: Final = (
-    # The flags that shape a sweep: meaningless without --sweep.
-    ("search", "--search"),
-    ("trials", "--trials"),
-    ("parallel", "--parallel"),
-    ("objective", "--objective"),
-    ("objective_goal", "--objective-goal"),
-    ("grid_points", "--grid-points"),
-    ("sweep_seed", "--sweep-seed"),
-    ("sweep_id", "--sweep-id"),
-)
 
 
 class UsageError(Exception):
-    """Flags that cannot make a job: printed like argparse's errors, exit 2."""
+    """Flags that cannot make a job or sweep: printed like argparse's errors, exit 2."""
 
 
 @dataclasses.dataclass
@@ -191,6 +127,15 @@ class Session:
 Command = Callable[[Session, argparse.Namespace], Awaitable[int]]
 
 
+class Hint(Protocol):
+    """What to do next after a failed call: :func:`hint` for the job commands,
+    :func:`conveyor.services.trainer.sweep_cli.hint` for the sweep commands."""
+
+    def __call__(
+        self, error: ConveyorError, args: argparse.Namespace, *, target: str, following: Following
+    ) -> str: ...
+
+
 # -- arguments -------------------------------------------------------------------
 
 
@@ -211,7 +156,14 @@ def add_client_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    """The flags of ``conveyor train``: the spec, the job, and what to do after."""
+    """The flags of ``conveyor train``: the spec, the job, and what to do after.
+
+    Integers are bounded by the API field they set (``int32``, ``uint64``):
+    whether a value makes sense is the trainer's to say, but one the field
+    cannot hold is a usage error here.
+    """
+    int32 = whole_number(MIN_INT32, MAX_INT32, int_flag=True)
+    uint64 = whole_number(0, MAX_UINT64, int_flag=True)
     parser.add_argument(
         "dataset", help="breast-cancer, digits, synthetic or an uploaded dataset's id"
     )
@@ -237,7 +189,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="TRAIN,VALIDATION,TEST",
         help="split fractions (default: 0.7,0.15,0.15)",
     )
-    data.add_argument("--split-seed", type=int, default=0, help="seed of the split (default: 0)")
+    data.add_argument("--split-seed", type=uint64, default=0, help="seed of the split (default: 0)")
     data.add_argument(
         "--no-stratify",
         dest="stratify",
@@ -260,20 +212,20 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         help="an architecture argument, JSON values, e.g. hidden_sizes=[64,32] (repeatable)",
     )
     hp = parser.add_argument_group("hyperparameters")
-    hp.add_argument("--epochs", type=int, default=20, help="default: 20")
-    hp.add_argument("--batch-size", type=int, default=32, help="default: 32")
+    hp.add_argument("--epochs", type=int32, default=20, help="default: 20")
+    hp.add_argument("--batch-size", type=int32, default=32, help="default: 32")
     hp.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default="adam")
     hp.add_argument("--learning-rate", "--lr", type=float, default=1e-3, help="default: 0.001")
     hp.add_argument("--momentum", type=float, default=0.0, help="SGD momentum")
     hp.add_argument("--weight-decay", type=float, default=0.0)
     hp.add_argument("--dropout", type=float, default=0.0)
-    hp.add_argument("--seed", type=int, default=0, help="seed of initialisation and shuffling")
+    hp.add_argument("--seed", type=uint64, default=0, help="seed of initialisation and shuffling")
     hp.add_argument(
         "--early-stopping-metric",
         metavar="METRIC",
         help="stop when this validation metric stops improving (loss, accuracy, f1, …)",
     )
-    hp.add_argument("--patience", type=int, help="epochs without improvement (default: 3)")
+    hp.add_argument("--patience", type=int32, help="epochs without improvement (default: 3)")
     hp.add_argument("--min-delta", type=float, default=0.0, help="the least improvement")
     hp.add_argument("--goal", choices=sorted(GOALS), help="default: minimize for losses")
     hp.add_argument(
@@ -293,7 +245,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         help="automatic mixed precision (default: on for CUDA)",
     )
     compute.add_argument(
-        "--world-size", type=int, default=1, help="data-parallel processes (default: 1)"
+        "--world-size", type=int32, default=1, help="data-parallel processes (default: 1)"
     )
     compute.add_argument("--backend", choices=sorted(BACKENDS), help="default: nccl on CUDA")
     job = parser.add_argument_group("job")
@@ -324,64 +276,6 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_false",
         help="print the job's name and return once it is queued",
     )
-    sweep = parser.add_argument_group(
-        "sweep",
-        "With --sweep the flags above are the base spec of a hyperparameter sweep: its "
-        "trials are training jobs that each vary the --sweep fields, ranked by a "
-        "validation metric; --register-model registers the best trial.",
-    )
-    sweep.add_argument(
-        "--sweep",
-        dest="parameters",
-        type=sweep_parameter,
-        action="append",
-        default=[],
-        metavar="PATH=DOMAIN",
-        help="vary the spec field PATH (hyperparameters.learning_rate, "
-        "architecture.args.hidden_sizes, …) over DOMAIN: a real range 1e-4..1e-1, "
-        "log:1e-4..1e-1 on a log scale; integers 16..64:16 (1..5: step 1); a list "
-        "sgd,adam or 0.1,0.2 (JSON values where they parse, else text); a JSON list "
-        "[[32,16],[64]] for values that are lists (repeatable)",
-    )
-    sweep.add_argument(
-        "--search",
-        choices=sorted(SEARCHES),
-        help="grid: every combination (default); random: draws from the domains",
-    )
-    sweep.add_argument(
-        "--trials",
-        type=_whole_number(1, job_out.MAX_TRIALS),
-        metavar="N",
-        help="how many trials (default: the whole grid, at most 1000; random: 10)",
-    )
-    sweep.add_argument(
-        "--parallel",
-        type=_whole_number(1, MAX_INT32),
-        metavar="N",
-        help="trials at once (default: 1)",
-    )
-    sweep.add_argument(
-        "--objective",
-        metavar="METRIC",
-        help="the validation metric that ranks trials (default: --early-stopping-metric, "
-        "else accuracy)",
-    )
-    sweep.add_argument(
-        "--objective-goal", choices=sorted(GOALS), help="default: minimize for losses"
-    )
-    sweep.add_argument(
-        "--grid-points",
-        type=_whole_number(1, MAX_INT32),
-        metavar="N",
-        help=f"points of each real range in a grid search (default: {DEFAULT_GRID_POINTS})",
-    )
-    sweep.add_argument(
-        "--sweep-seed",
-        type=_whole_number(0, MAX_UINT64),
-        metavar="N",
-        help="seed of random search (default: 0)",
-    )
-    sweep.add_argument("--sweep-id", metavar="ID", help="the sweep's id (default: generated)")
 
 
 def training_spec(args: argparse.Namespace) -> pb.TrainingJobSpec:
@@ -437,149 +331,6 @@ def training_spec(args: argparse.Namespace) -> pb.TrainingJobSpec:
     return spec
 
 
-def sweep_spec(args: argparse.Namespace) -> pb.SweepJobSpec:
-    """The sweep the flags describe, around ``training_spec(args)``; UsageError
-    for flags that cannot go together. As there, the values are the trainer's
-    to check."""
-    if not args.parameters:
-        raise UsageError("a sweep needs at least one --sweep PATH=DOMAIN")
-    if args.job_id:
-        raise UsageError(
-            "--job-id names one training job; a sweep names its trials after itself: use --sweep-id"
-        )
-    algorithm = SEARCHES[args.search or "grid"]
-    random = algorithm == pb.SEARCH_ALGORITHM_RANDOM
-    if random and args.grid_points is not None:
-        raise UsageError("--grid-points spaces a grid; random search draws from the whole range")
-    if not random and args.sweep_seed is not None:
-        raise UsageError("--sweep-seed seeds random search: add --search random")
-    spec = pb.SweepJobSpec(
-        base_spec=training_spec(args),
-        algorithm=algorithm,
-        max_parallel_trials=args.parallel or 1,
-        objective_metric=args.objective or args.early_stopping_metric or DEFAULT_OBJECTIVE,
-        seed=args.sweep_seed or 0,
-    )
-    if args.objective_goal:
-        spec.objective_goal = GOALS[args.objective_goal]
-    for given in args.parameters:
-        parameter = spec.parameters.add()
-        parameter.CopyFrom(given)
-        if parameter.HasField("double_range") and not random:
-            parameter.double_range.grid_points = (
-                DEFAULT_GRID_POINTS if args.grid_points is None else args.grid_points
-            )
-    if args.trials:
-        spec.max_trials = args.trials
-    elif random:
-        spec.max_trials = DEFAULT_RANDOM_TRIALS
-    else:
-        # At least 1, so that an empty grid is named by its parameter, not by max_trials.
-        spec.max_trials = min(max(job_out.grid_size(spec.parameters), 1), job_out.MAX_TRIALS)
-    return spec
-
-
-def _no_sweep_flags(args: argparse.Namespace) -> None:
-    for dest, flag in _SWEEP_ONLY:
-        if getattr(args, dest, None) is not None:
-            raise UsageError(f"{flag} shapes a sweep: add --sweep PATH=DOMAIN")
-
-
-def sweep_parameter(text: str) -> pb.ParameterSpec:
-    """``PATH=DOMAIN`` (see the module docstring) as the parameter it varies; a
-    real range's grid points come from ``--grid-points`` (:func:`sweep_spec`)."""
-    path, sep, domain = (part.strip() for part in text.partition("="))
-    if not sep or not path or not domain:
-        raise argparse.ArgumentTypeError(
-            f"expected PATH=DOMAIN (e.g. hyperparameters.learning_rate=log:1e-4..1e-1), "
-            f"got {text!r}"
-        )
-    try:
-        parameter = _domain(domain)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(f"{error}, got {text!r}") from None
-    parameter.path = path
-    return parameter
-
-
-def _domain(text: str) -> pb.ParameterSpec:
-    """The DOMAIN of ``--sweep``; ValueError says what was expected."""
-    if text.startswith("["):
-        try:
-            values = json.loads(text)
-        except ValueError:
-            values = None
-        if not isinstance(values, list) or not values:
-            raise ValueError(
-                "a DOMAIN starting with [ is a JSON list of values, e.g. [[32,16],[64]]"
-            )
-        return _categorical(values)
-    log = text.startswith("log:")
-    body = text.removeprefix("log:")
-    if ".." in body:
-        low_text, _, rest = body.partition("..")
-        high_text, has_step, step_text = rest.partition(":")
-        low, high = _whole(low_text), _whole(high_text)
-        if has_step:
-            step = _whole(step_text)
-            if log or low is None or high is None or step is None:
-                raise ValueError(
-                    "a range with a step is whole numbers LOW..HIGH:STEP, e.g. 16..64:16"
-                )
-            if step < 1:
-                raise ValueError("the STEP of LOW..HIGH:STEP must be at least 1")
-            return pb.ParameterSpec(integer_range=pb.IntegerRange(min=low, max=high, step=step))
-        if not log and low is not None and high is not None:
-            return pb.ParameterSpec(integer_range=pb.IntegerRange(min=low, max=high, step=1))
-        real_low, real_high = _real(low_text), _real(high_text)
-        if real_low is None or real_high is None:
-            raise ValueError("a range is two numbers LOW..HIGH, e.g. 1e-4..1e-1")
-        return pb.ParameterSpec(
-            double_range=pb.DoubleRange(min=real_low, max=real_high, log_scale=log)
-        )
-    if log:
-        raise ValueError("log: takes a real range, e.g. log:1e-4..1e-1")
-    items = [item.strip() for item in text.split(",")]
-    if not all(items):
-        raise ValueError("a list of values is A,B,C with none empty")
-    values = [_json_or_text(item) for item in items]
-    if any(isinstance(value, str) and value.startswith(("[", "{")) for value in values):
-        raise ValueError(
-            "commas split A,B,C: write values that are lists as one JSON list, e.g. [[32,16],[64]]"
-        )
-    return _categorical(values)
-
-
-def _categorical(values: list[Any]) -> pb.ParameterSpec:
-    parameter = pb.ParameterSpec(categorical=pb.CategoricalValues())
-    for value in values:
-        json_format.ParseDict(value, parameter.categorical.values.add())
-    return parameter
-
-
-def _whole(text: str) -> int | None:
-    """A whole number that fits the API's int64, written as one (``16``, ``-2``)."""
-    text = text.strip()
-    if not re.fullmatch(r"[+-]?[0-9]+", text) or abs(int(text)) > MAX_INT64:
-        return None
-    return int(text)
-
-
-def _real(text: str) -> float | None:
-    try:
-        value = float(text)
-    except ValueError:
-        return None
-    return value if math.isfinite(value) else None
-
-
-def _json_or_text(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except ValueError:
-        return text
-
-
 def _seconds(text: str) -> float:
     try:
         value = float(text)
@@ -601,14 +352,23 @@ def positive(text: str) -> int:
     return value
 
 
-def _whole_number(low: int, high: int) -> Callable[[str], int]:
+def whole_number(low: int, high: int, *, int_flag: bool = False) -> Callable[[str], int]:
     """An argparse type: a whole number from ``low`` to ``high`` (what the API's
-    field holds)."""
+    field holds), so that a value the field cannot hold is a usage error naming
+    the flag, not a traceback when the spec is built.
 
-    def whole_number(text: str) -> int:
+    Text that is no whole number is refused with the range too; with
+    ``int_flag`` it raises ValueError instead, which argparse words as for
+    ``type=int`` (``invalid int value: 'many'``, what the flags that were typed
+    ``int`` always said) and :func:`_augmentation` as its own message.
+    """
+
+    def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
+            if int_flag:
+                raise
             value = low - 1
         if not low <= value <= high:
             raise argparse.ArgumentTypeError(
@@ -616,7 +376,9 @@ def _whole_number(low: int, high: int) -> Callable[[str], int]:
             )
         return value
 
-    return whole_number
+    # argparse names a type by its __name__ when the type raises ValueError.
+    parse.__name__ = "int" if int_flag else "whole_number"
+    return parse
 
 
 def _key_value(text: str) -> tuple[str, Any]:
@@ -654,7 +416,7 @@ def _fractions(text: str) -> tuple[float, float, float]:
 def _augmentation(text: str) -> tuple[str, Any]:
     name, sep, value = text.partition("=")
     fields = {
-        "crop": ("random_crop_padding", int),
+        "crop": ("random_crop_padding", whole_number(MIN_INT32, MAX_INT32, int_flag=True)),
         "flip": ("horizontal_flip", None),
         "rotate": ("rotation_degrees", float),
         "noise": ("gaussian_noise_std", float),
@@ -672,6 +434,8 @@ def _augmentation(text: str) -> tuple[str, Any]:
         return field, convert(value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{name} needs a number: {name}=VALUE") from None
+    except argparse.ArgumentTypeError as error:  # out of the field's range
+        raise argparse.ArgumentTypeError(f"{name}: {error}") from None
 
 
 def _dataset_name(text: str) -> str:
@@ -687,17 +451,17 @@ def job_name(text: str) -> str:
     return text if text.startswith("trainingJobs/") else f"trainingJobs/{text}"
 
 
-def sweep_name(text: str) -> str:
-    """``sweepJobs/abc`` from ``abc`` or ``sweepJobs/abc``."""
-    return text if text.startswith("sweepJobs/") else f"sweepJobs/{text}"
-
-
 # -- running a command --------------------------------------------------------------
 
 
-def run(command: Command, args: argparse.Namespace) -> int:
-    """Runs ``command`` against the trainer; every expected failure exits 1."""
-    following = Following(sweep=_about_sweeps(args))
+def run(command: Command, args: argparse.Namespace, *, sweep_hint: Hint | None = None) -> int:
+    """Runs ``command`` against the trainer; every expected failure exits 1.
+
+    The sweep commands pass their ``sweep_hint``
+    (:func:`conveyor.services.trainer.sweep_cli.run`): their failures and Ctrl-C
+    then name the sweep commands.
+    """
+    following = Following(sweep=sweep_hint is not None)
     target = getattr(args, "trainer", None) or "the trainer"
     try:
         settings = ClientSettings()
@@ -716,7 +480,8 @@ def run(command: Command, args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         _interrupted(following)
         return EXIT_INTERRUPTED
-    return out.report(failure, hint(failure, args, target=target, following=following))
+    advice = (sweep_hint or hint)(failure, args, target=target, following=following)
+    return out.report(failure, advice)
 
 
 async def _with_session(
@@ -737,11 +502,6 @@ async def _with_session(
     async with channel:
         stub = trainer_service_pb2_grpc.TrainerServiceStub(channel)
         return await command(Session(stub, target, timeout, following), args)
-
-
-def _about_sweeps(args: argparse.Namespace) -> bool:
-    """Whether the command creates or reads sweeps (``train --sweep``, ``sweeps …``)."""
-    return args.command == "sweeps" or bool(getattr(args, "parameters", None))
 
 
 def _interrupted(following: Following) -> None:
@@ -768,29 +528,27 @@ def _interrupted(following: Following) -> None:
 def hint(
     error: ConveyorError, args: argparse.Namespace, *, target: str, following: Following
 ) -> str:
-    """What to do next after a failed call."""
-    if following.sweep:
-        return _sweep_hint(error, args, target=target, following=following)
+    """What to do next after a failed call about a job."""
     code = error.code
     command = args.command
     job = job_id(following.job or job_name(getattr(args, "job", "") or "JOB"))
     if code == grpc.StatusCode.UNAVAILABLE:
-        where = _unavailable(target)
+        where = unavailable_hint(target)
         if following.job:
             where += f"; the job keeps running: `conveyor jobs watch {job}` follows it again"
         return where
     if code == grpc.StatusCode.INVALID_ARGUMENT:
-        flags = _flags(error, _FLAGS)
+        flags = named_flags(error, FLAGS)
         if command == "train" and flags:
             return f"fix {', '.join(flags)} and run the command again"
         return "fix the fields named above and run the command again"
     if code == grpc.StatusCode.NOT_FOUND:
         if command == "train":
-            return _CREATE_NOT_FOUND
+            return CREATE_NOT_FOUND
         return "check the name: `conveyor jobs list` shows the jobs"
     if code == grpc.StatusCode.FAILED_PRECONDITION:
         if command == "train":
-            return _CREATE_FAILED_PRECONDITION
+            return CREATE_FAILED_PRECONDITION
         return f"the job has already ended: `conveyor jobs show {job}` says how"
     hints = {
         grpc.StatusCode.ALREADY_EXISTS: (
@@ -801,50 +559,21 @@ def hint(
             "(`conveyor jobs list --state queued`)"
         ),
     }
-    return hints.get(code) or _common_hint(code, target)
+    return hints.get(code) or common_hint(code, target)
 
 
-_CREATE_NOT_FOUND: Final = (
+CREATE_NOT_FOUND: Final = (
     "check the dataset (built-in: breast-cancer, digits, synthetic; or an uploaded "
     "one) and --register-model (`conveyor models list` shows the models)"
 )
-_CREATE_FAILED_PRECONDITION: Final = (
+CREATE_FAILED_PRECONDITION: Final = (
     "a GPU was asked for where there is none (use --device auto or cpu), or the "
     "model to register in is archived"
 )
 
 
-def _sweep_hint(
-    error: ConveyorError, args: argparse.Namespace, *, target: str, following: Following
-) -> str:
-    """What to do next after a failed call about a sweep."""
-    code = error.code
-    creating = args.command == "train"
-    sweep = sweep_id(following.job or sweep_name(getattr(args, "sweep", "") or "SWEEP"))
-    if code == grpc.StatusCode.UNAVAILABLE:
-        where = _unavailable(target)
-        if following.job:
-            where += f"; the sweep keeps running: `conveyor sweeps watch {sweep}` follows it again"
-        return where
-    if code == grpc.StatusCode.INVALID_ARGUMENT:
-        flags = _flags(error, _SWEEP_FLAGS)
-        if creating and flags:
-            return f"fix {', '.join(flags)} and run the command again"
-        return "fix the fields named above and run the command again"
-    if code == grpc.StatusCode.NOT_FOUND:
-        if creating:
-            return _CREATE_NOT_FOUND
-        return "check the name: `conveyor sweeps list` shows the sweeps"
-    if code == grpc.StatusCode.FAILED_PRECONDITION:
-        if creating:
-            return _CREATE_FAILED_PRECONDITION
-        return f"the sweep has already ended: `conveyor sweeps show {sweep}` says how"
-    if code == grpc.StatusCode.ALREADY_EXISTS:
-        return "the sweep id is taken: choose another --sweep-id, or see `conveyor sweeps show ID`"
-    return _common_hint(code, target)
-
-
-def _unavailable(target: str) -> str:
+def unavailable_hint(target: str) -> str:
+    """Where the trainer should be, when it cannot be reached."""
     return (
         f"is a trainer running at {target}? start one with `conveyor serve trainer` "
         "(or `conveyor up`), or point at it with --trainer HOST:PORT or "
@@ -852,7 +581,7 @@ def _unavailable(target: str) -> str:
     )
 
 
-def _common_hint(code: grpc.StatusCode, target: str) -> str:
+def common_hint(code: grpc.StatusCode, target: str) -> str:
     """The hints that do not depend on the command."""
     hints = {
         grpc.StatusCode.DEADLINE_EXCEEDED: (
@@ -870,8 +599,9 @@ def _common_hint(code: grpc.StatusCode, target: str) -> str:
     return hints.get(code, "this looks like a trainer bug: report it with the message above")
 
 
-def _flags(error: ConveyorError, table: tuple[tuple[str, str], ...]) -> list[str]:
-    """The flags behind the spec fields an INVALID_ARGUMENT names, in order."""
+def named_flags(error: ConveyorError, table: tuple[tuple[str, str], ...]) -> list[str]:
+    """The flags behind the spec fields an INVALID_ARGUMENT names, in order
+    (``table``: :data:`FLAGS`, or the sweep commands' own)."""
     if not isinstance(error, InvalidArgumentError):
         return []
     flags: list[str] = []
@@ -891,10 +621,12 @@ def _flags(error: ConveyorError, table: tuple[tuple[str, str], ...]) -> list[str
 
 
 async def train(session: Session, args: argparse.Namespace) -> int:
-    """``conveyor train DATASET …``: create a job, then follow it to its end."""
-    if args.parameters:
-        return await sweep(session, args)
-    _no_sweep_flags(args)
+    """``conveyor train DATASET …``: create a job, then follow it to its end.
+
+    ``conveyor`` runs :func:`conveyor.services.trainer.sweep_cli.train_job`,
+    which refuses the flags that only shape a sweep and then calls this; with
+    ``--sweep`` it runs :func:`conveyor.services.trainer.sweep_cli.sweep`.
+    """
     request = rpc.CreateTrainingJobRequest(
         training_job_id=args.job_id or "",
         training_job=pb.TrainingJob(
@@ -928,52 +660,6 @@ async def train(session: Session, args: argparse.Namespace) -> int:
         return 0
     final = await follow(session, job.name)
     return finish(final, as_json=args.json)
-
-
-async def sweep(session: Session, args: argparse.Namespace) -> int:
-    """``conveyor train DATASET … --sweep PATH=DOMAIN``: create a sweep, then
-    follow its trials to its end."""
-    spec = sweep_spec(args)
-    grid = job_out.grid_size(spec.parameters)
-    searching_grid = spec.algorithm == pb.SEARCH_ALGORITHM_GRID
-    if searching_grid and args.trials is None and grid > spec.max_trials:
-        print(
-            f"conveyor: the grid has {grid:,} combinations; the sweep runs the first "
-            f"{spec.max_trials:,} (coarsen the grid, or use --search random)",
-            file=sys.stderr,
-        )
-    request = rpc.CreateSweepJobRequest(
-        sweep_job_id=args.sweep_id or "",
-        sweep_job=pb.SweepJob(
-            spec=spec, display_name=args.display_name or "", labels=dict(args.label)
-        ),
-        # One id per invocation: a retried call creates the sweep once.
-        request_id=uuid.uuid4().hex,
-        validate_only=args.validate_only,
-    )
-    session.following.creating = True
-    reply = await session.trainer.CreateSweepJob(request, timeout=session.timeout)
-    session.following.creating = False
-    created = reply.sweep_job
-    if args.validate_only:
-        if args.json:
-            out.print_json({"sweep_job": out.message_dict(created)})
-        else:
-            trials = job_out.planned_trials(created.spec)
-            print(f"valid: {created.name} would run {trials} trials; nothing was created")
-        return 0
-    if not args.watch:
-        if args.json:
-            out.print_json({"sweep_job": out.message_dict(created)})
-        else:
-            print(created.name)
-            print(
-                f"follow it with `conveyor sweeps watch {sweep_id(created.name)}`",
-                file=sys.stderr,
-            )
-        return 0
-    final = await follow_sweep(session, created.name)
-    return finish_sweep(final, as_json=args.json)
 
 
 async def jobs_watch(session: Session, args: argparse.Namespace) -> int:
@@ -1054,79 +740,6 @@ async def jobs_cancel(session: Session, args: argparse.Namespace) -> int:
     return 0
 
 
-async def sweeps_list(session: Session, args: argparse.Namespace) -> int:
-    """``conveyor sweeps list``: sweeps newest first, filtered by state or any filter."""
-    restrictions = [f"state={args.state.upper()}"] if args.state else []
-    if args.filter:
-        restrictions.append(args.filter)
-    sweeps: list[pb.SweepJob] = []
-    token = ""
-    while len(sweeps) < args.limit:
-        request = rpc.ListSweepJobsRequest(
-            page_size=min(LIST_PAGE_SIZE, args.limit - len(sweeps)),
-            page_token=token,
-            filter=" AND ".join(restrictions),
-        )
-        reply = await session.trainer.ListSweepJobs(request, timeout=session.timeout)
-        sweeps.extend(reply.sweep_jobs)
-        token = reply.next_page_token
-        if not token:
-            break
-    if args.json:
-        out.print_json({"sweep_jobs": [out.message_dict(sweep) for sweep in sweeps]})
-    elif sweeps:
-        out.print_table(
-            ("sweep", "state", "trials", "best", "best trial", "model version", "created"),
-            [job_out.sweep_row(sweep) for sweep in sweeps],
-        )
-        if token:
-            print(f"(more: raise --limit above {args.limit})", file=sys.stderr)
-    else:
-        print("no sweeps" + (" match" if restrictions else ""), file=sys.stderr)
-    return 0
-
-
-async def sweeps_show(session: Session, args: argparse.Namespace) -> int:
-    """``conveyor sweeps show SWEEP``: its spec, state, trials and outcome."""
-    reply = await session.trainer.GetSweepJob(
-        rpc.GetSweepJobRequest(name=sweep_name(args.sweep)), timeout=session.timeout
-    )
-    found = reply.sweep_job
-    if args.json:
-        out.print_json({"sweep_job": out.message_dict(found)})
-        return 0
-    out.print_fields(job_out.sweep_fields(found))
-    if found.trials:
-        print()
-        out.print_table(*job_out.trials_table(found))
-    return 0
-
-
-async def sweeps_watch(session: Session, args: argparse.Namespace) -> int:
-    """``conveyor sweeps watch SWEEP``: follow a sweep to its end (exit 0 if it succeeded)."""
-    final = await follow_sweep(session, sweep_name(args.sweep))
-    return finish_sweep(final, as_json=args.json)
-
-
-async def sweeps_cancel(session: Session, args: argparse.Namespace) -> int:
-    """``conveyor sweeps cancel SWEEP``: its queued trials end now, running ones
-    after their step; nothing is registered."""
-    reply = await session.trainer.CancelSweepJob(
-        rpc.CancelSweepJobRequest(name=sweep_name(args.sweep)), timeout=session.timeout
-    )
-    found = reply.sweep_job
-    if args.json:
-        out.print_json({"sweep_job": out.message_dict(found)})
-    elif found.state == pb.JOB_STATE_CANCELLED:
-        print(f"{found.name}: cancelled")
-    else:
-        print(
-            f"{found.name}: cancel requested; it ends once its running trials stop after "
-            f"their current step (`conveyor sweeps watch {sweep_id(found.name)}` shows when)"
-        )
-    return 0
-
-
 # -- following a job ----------------------------------------------------------------
 
 
@@ -1166,9 +779,10 @@ def finish(job: pb.TrainingJob, *, as_json: bool) -> int:
         return 0
     short = job_id(job.name)
     if job.state == pb.JOB_STATE_CANCELLED:
+        epochs = job_out.plural(job.spec.hyperparameters.epochs, "epoch")
         print(
-            f"conveyor: {job.name} was cancelled after {len(job.history)} of "
-            f"{job.spec.hyperparameters.epochs} epochs; nothing was registered",
+            f"conveyor: {job.name} was cancelled after {len(job.history)} of {epochs}; "
+            "nothing was registered",
             file=sys.stderr,
         )
         return 1
@@ -1177,59 +791,4 @@ def finish(job: pb.TrainingJob, *, as_json: bool) -> int:
     reason = f" [{error.reason}]" if error.reason and error.reason != code else ""
     print(f"conveyor: {job.name} failed: {code}: {error.message}{reason}", file=sys.stderr)
     print(f"hint: `conveyor jobs show {short}` shows the job's spec and progress", file=sys.stderr)
-    return 1
-
-
-# -- following a sweep ----------------------------------------------------------------
-
-
-async def follow_sweep(
-    session: Session, name: str, *, view: SweepView | None = None
-) -> pb.SweepJob:
-    """Watches sweep ``name`` until it reaches a terminal state, a line per trial
-    change; the final sweep. A stream that ends early is resumed."""
-    view = view or SweepView(sys.stderr)
-    session.following.job = name
-    request = rpc.WatchSweepJobRequest(name=name)
-    while True:
-        async for event in session.trainer.WatchSweepJob(request, timeout=None):
-            view.show(event)
-            found = event.sweep_job
-            if event.HasField("sweep_job") and found.state in TERMINAL:
-                return found
-        reply = await session.trainer.GetSweepJob(
-            rpc.GetSweepJobRequest(name=name), timeout=session.timeout
-        )
-        if reply.sweep_job.state in TERMINAL:
-            return reply.sweep_job
-        await asyncio.sleep(1.0)
-
-
-def finish_sweep(found: pb.SweepJob, *, as_json: bool) -> int:
-    """Prints how a followed sweep ended; 0 when it succeeded, else 1."""
-    if as_json:
-        out.print_json({"sweep_job": out.message_dict(found)})
-    else:
-        job_out.print_sweep_result(found)
-    if found.state == pb.JOB_STATE_SUCCEEDED:
-        return 0
-    short = sweep_id(found.name)
-    if found.state == pb.JOB_STATE_CANCELLED:
-        ran = (pb.JOB_STATE_SUCCEEDED, pb.JOB_STATE_FAILED)
-        ended = sum(trial.state in ran for trial in found.trials)
-        print(
-            f"conveyor: {found.name} was cancelled after {ended} of "
-            f"{job_out.planned_trials(found.spec)} trials; nothing was registered",
-            file=sys.stderr,
-        )
-        return 1
-    error = found.error
-    code = job_out.code_name(error.code)
-    reason = f" [{error.reason}]" if error.reason and error.reason != code else ""
-    print(f"conveyor: {found.name} failed: {code}: {error.message}{reason}", file=sys.stderr)
-    print(
-        f"hint: `conveyor sweeps show {short}` lists its trials; `conveyor jobs show TRIAL` "
-        "says why one failed",
-        file=sys.stderr,
-    )
     return 1

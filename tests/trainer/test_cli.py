@@ -375,6 +375,36 @@ async def test_bad_flags_are_usage_errors(capsys: pytest.CaptureFixture[str]) ->
     assert "watch" in usage.err
 
 
+async def test_integers_their_api_field_cannot_hold_are_usage_errors(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    int32 = "expected a whole number from -2,147,483,648 to 2,147,483,647"
+    uint64 = "expected a whole number from 0 to 18,446,744,073,709,551,615"
+    for argv, message in (
+        (("--epochs", "99999999999"), f"argument --epochs: {int32}, got '99999999999'"),
+        (("--batch-size", str(2**31)), f"argument --batch-size: {int32}, got '2147483648'"),
+        (("--world-size", str(-(2**31) - 1)), f"argument --world-size: {int32}, got '-2147483649'"),
+        (
+            ("--early-stopping-metric", "loss", "--patience", str(2**31)),
+            f"argument --patience: {int32}, got '2147483648'",
+        ),
+        (
+            ("--augment", "crop=99999999999"),
+            f"argument --augment: crop: {int32}, got '99999999999'",
+        ),
+        (("--seed", "-1"), f"argument --seed: {uint64}, got '-1'"),
+        (("--split-seed", str(2**64)), f"argument --split-seed: {uint64}, got '{2**64}'"),
+    ):
+        err = await usage_error(capsys, "train", "digits", *argv)
+        assert err.splitlines()[-1] == f"conveyor train: error: {message}", argv
+    # The bounds themselves make a spec.
+    args = cli._parser().parse_args(
+        ["train", "digits", "--epochs", str(2**31 - 1), "--seed", str(2**64 - 1)]
+    )
+    hp = trainer_cli.training_spec(args).hyperparameters
+    assert (hp.epochs, hp.seed) == (2**31 - 1, 2**64 - 1)
+
+
 async def test_the_trainer_refusals_name_the_flags_to_fix(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -578,6 +608,27 @@ def test_a_failed_job_prints_its_error_and_exits_1(capsys: pytest.CaptureFixture
         "try a smaller batch size or model [OUT_OF_MEMORY]",
         "hint: `conveyor jobs show oom` shows the job's spec and progress",
     ]
+
+
+def test_one_epoch_is_one_epoch(capsys: pytest.CaptureFixture[str]) -> None:
+    job = pb.TrainingJob(name="trainingJobs/one", state=pb.JOB_STATE_SUCCEEDED)
+    job.spec.hyperparameters.epochs = 1
+    job.spec.hyperparameters.batch_size = 32
+    job.history.add(epoch=1)
+    job.result.best_epoch = 1
+    assert dict(cli_output.job_fields(job))["hyperparameters"].startswith("1 epoch, batch 32,")
+    assert trainer_cli.finish(job, as_json=False) == 0
+    assert capsys.readouterr().out.startswith(
+        "trainingJobs/one succeeded: 1 epoch (kept epoch 1)\n"
+    )
+    job.state = pb.JOB_STATE_CANCELLED
+    del job.history[:]
+    assert trainer_cli.finish(job, as_json=False) == 1
+    assert capsys.readouterr().err == (
+        "conveyor: trainingJobs/one was cancelled after 0 of 1 epoch; nothing was registered\n"
+    )
+    job.spec.hyperparameters.epochs = 2
+    assert dict(cli_output.job_fields(job))["hyperparameters"].startswith("2 epochs, batch 32,")
 
 
 def test_flags_make_the_spec_they_name() -> None:

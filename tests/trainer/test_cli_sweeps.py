@@ -18,9 +18,9 @@ import pytest
 from google.protobuf import json_format
 
 from conveyor.services import cli
-from conveyor.services.trainer import cli as trainer_cli
-from conveyor.services.trainer import cli_output
-from conveyor.services.trainer.cli_output import SweepView
+from conveyor.services.trainer import sweep_cli as trainer_cli
+from conveyor.services.trainer import sweep_output as cli_output
+from conveyor.services.trainer.sweep_output import SweepView
 from conveyor.trainer.v1 import resources_pb2 as pb
 from conveyor.trainer.v1 import trainer_messages_pb2 as rpc
 from tests.support.registry import create_model
@@ -607,4 +607,26 @@ def test_an_ended_sweep_prints_its_trials_and_why_it_failed(
     assert captured.out.splitlines()[2].split() == row
     assert captured.err == (
         "conveyor: sweepJobs/s was cancelled after 1 of 2 trials; nothing was registered\n"
+    )
+
+
+def test_one_trial_and_one_epoch_are_singular(capsys: pytest.CaptureFixture[str]) -> None:
+    sweep = a_sweep(pb.JOB_STATE_SUCCEEDED)
+    del sweep.spec.parameters[1:]
+    sweep.spec.max_trials = 1
+    sweep.spec.base_spec.hyperparameters.epochs = 1
+    sweep.trials.append(a_trial(1, pb.JOB_STATE_SUCCEEDED, 0.5))
+    sweep.best_trial = sweep.trials[0].training_job
+    fields = dict(cli_output.sweep_fields(sweep))
+    assert fields["search"] == "grid search, 1 trial, 1 at a time"
+    assert fields["hyperparameters"].startswith("1 epoch, ")
+    assert trainer_cli.finish_sweep(sweep, as_json=False) == 0
+    assert capsys.readouterr().out.startswith(
+        "sweepJobs/s succeeded: 1 of 1 trial succeeded (grid search, 1 trial, 1 at a time; "
+    )
+    sweep.state = pb.JOB_STATE_CANCELLED
+    sweep.trials[0].state = pb.JOB_STATE_CANCELLED
+    assert trainer_cli.finish_sweep(sweep, as_json=False) == 1
+    assert capsys.readouterr().err == (
+        "conveyor: sweepJobs/s was cancelled after 0 of 1 trial; nothing was registered\n"
     )
