@@ -13,15 +13,13 @@ restarts between registering and recording the result registers nothing twice.
 
 from __future__ import annotations
 
-import asyncio
-import hashlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Final, TypeVar
+from typing import Final
 
 import grpc
 from google.protobuf.message import Message
@@ -34,7 +32,6 @@ from conveyor.shared import names
 from conveyor.shared.auth.interceptor import ResourceResolver, default_resource
 from conveyor.shared.auth.principal import Resource, model_attributes
 from conveyor.shared.errors import (
-    AlreadyExistsError,
     ConveyorError,
     FailedPreconditionError,
     InvalidArgumentError,
@@ -42,24 +39,17 @@ from conveyor.shared.errors import (
     UnavailableError,
     from_rpc_error,
 )
+from conveyor.shared.registry_writer import RegistryWriteError, RegistryWriter
 from conveyor.shared.workers import WorkerThreads
 from conveyor.trainer.v1 import resources_pb2 as pb
 
 logger = logging.getLogger(__name__)
 
-UPLOAD_CHUNK_BYTES: Final = 1024 * 1024
 EVALUATION_REPORT_ID: Final = "evaluation-report"
 OWNER_CACHE_TTL_S: Final = 5.0
 SWEEP_LABEL: Final = "sweep_job"
 """The label naming the sweep whose best trial a version is."""
 _REQUEST_NAMESPACE: Final = uuid.UUID("6d1f0c2e-7f0b-4d3a-9a55-3c2b1c8e9f10")
-T = TypeVar("T")
-_RETRYABLE: Final = (
-    grpc.StatusCode.UNAVAILABLE,
-    grpc.StatusCode.DEADLINE_EXCEEDED,
-    grpc.StatusCode.RESOURCE_EXHAUSTED,
-    grpc.StatusCode.ABORTED,
-)
 
 
 class RegistrationError(Exception):
@@ -82,9 +72,8 @@ class Registrar:
         backoff_s: float = 0.5,
     ) -> None:
         self._stub = registry_service_pb2_grpc.RegistryServiceStub(channel)
+        self._writer = RegistryWriter(self._stub, attempts=attempts, backoff_s=backoff_s)
         self._workers = workers
-        self._attempts = attempts
-        self._backoff_s = backoff_s
         self._owners: dict[str, tuple[float, registry_pb.Model]] = {}
 
     async def get_model(self, name: str) -> registry_pb.Model:
@@ -147,68 +136,33 @@ class Registrar:
             version.labels[SWEEP_LABEL] = job.sweep_job.removeprefix("sweepJobs/")
             version.model_card = registration.model_card or version.model_card
         model = registration.model
-        request_id = _request_id(job, "model-version")
-        metadata = registry_rpc.CreateModelVersionMetadata(
-            parent=model,
-            model_version=version,
-            sha256=_sha256(weights),
-            size_bytes=len(weights),
-            request_id=request_id,
-        )
-
-        async def upload() -> registry_pb.ModelVersion:
-            response = await self._stub.CreateModelVersion(_upload_requests(metadata, weights))
-            return response.model_version
-
-        registered = await self._retrying(upload, f"registering in {model}")
-        attachment = registry_rpc.CreateAttachmentRequest(
-            parent=registered.name,
-            attachment_id=EVALUATION_REPORT_ID,
-            attachment=registry_pb.Attachment(
-                kind=registry_pb.ATTACHMENT_KIND_EVALUATION_REPORT,
-                display_name="Evaluation on the held-out test split",
-                content_type="application/json",
-                content=report,
-            ),
-            request_id=_request_id(job, EVALUATION_REPORT_ID),
-        )
-
-        async def attach() -> None:
-            try:
-                await self._stub.CreateAttachment(attachment)
-            except grpc.aio.AioRpcError as error:
-                # Attached by an attempt whose answer was lost: done already.
-                if not isinstance(from_rpc_error(error), AlreadyExistsError):
-                    raise
-
-        await self._retrying(attach, f"attaching the evaluation report to {registered.name}")
+        try:
+            registered = await self._writer.create_version(
+                model, version, weights, request_id=_request_id(job, "model-version")
+            )
+            await self._writer.attach(
+                registry_rpc.CreateAttachmentRequest(
+                    parent=registered.name,
+                    attachment_id=EVALUATION_REPORT_ID,
+                    attachment=registry_pb.Attachment(
+                        kind=registry_pb.ATTACHMENT_KIND_EVALUATION_REPORT,
+                        display_name="Evaluation on the held-out test split",
+                        content_type="application/json",
+                        content=report,
+                    ),
+                    request_id=_request_id(job, EVALUATION_REPORT_ID),
+                )
+            )
+        except RegistryWriteError as failed:
+            raise RegistrationError(
+                pb.JobError(
+                    code=failed.code.value[0], reason="REGISTRATION_FAILED", message=failed.message
+                )
+            ) from None
         logger.info(
             "registered", extra={"training_job": job.name, "model_version": registered.name}
         )
         return registered.name
-
-    async def _retrying(self, call: Callable[[], Awaitable[T]], what: str) -> T:
-        delay = self._backoff_s
-        for attempt in range(1, self._attempts + 1):
-            try:
-                return await call()
-            except grpc.aio.AioRpcError as error:
-                failure = from_rpc_error(error)
-                if error.code() not in _RETRYABLE or attempt == self._attempts:
-                    raise RegistrationError(
-                        pb.JobError(
-                            code=error.code().value[0],
-                            reason="REGISTRATION_FAILED",
-                            message=f"{what} failed ({error.code().name}): {failure.message}",
-                        )
-                    ) from None
-                logger.warning(
-                    "registration attempt failed; retrying",
-                    extra={"attempt": attempt, "code": error.code().name},
-                )
-            await asyncio.sleep(delay)
-            delay *= 2
-        raise AssertionError("unreachable")  # the loop returns or raises
 
 
 def trainer_resolver(
@@ -257,15 +211,3 @@ def _read_outputs(job_dir: Path) -> tuple[registry_pb.ModelVersion, bytes, bytes
     weights = (job_dir / protocol.WEIGHTS_FILE).read_bytes()
     report = (job_dir / protocol.EVALUATION_REPORT_FILE).read_bytes()
     return version, weights, report
-
-
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-async def _upload_requests(
-    metadata: registry_rpc.CreateModelVersionMetadata, data: bytes
-) -> AsyncIterator[registry_rpc.CreateModelVersionRequest]:
-    yield registry_rpc.CreateModelVersionRequest(metadata=metadata)
-    for start in range(0, len(data), UPLOAD_CHUNK_BYTES):
-        yield registry_rpc.CreateModelVersionRequest(chunk=data[start : start + UPLOAD_CHUNK_BYTES])
