@@ -172,27 +172,45 @@ def measure(
             break
         batch = _batch_of(features, batch_size)
         measurement.latencies.append(
-            latency(predictor, batch, warmup=config.warmup_runs, runs=config.timed_runs)
+            latency(
+                predictor,
+                batch,
+                warmup=config.warmup_runs,
+                runs=config.timed_runs,
+                should_stop=should_stop,
+            )
         )
     return measurement, outputs
 
 
 def latency(
-    predictor: Predictor, batch: npt.NDArray[np.float32], *, warmup: int, runs: int
+    predictor: Predictor,
+    batch: npt.NDArray[np.float32],
+    *,
+    warmup: int,
+    runs: int,
+    should_stop: Callable[[], bool] = lambda: False,
 ) -> pb.LatencyMeasurement:
-    """p50, p99 and mean latency of one batch over ``runs`` timed calls."""
+    """p50, p99 and mean latency of one batch over ``runs`` timed calls (fewer
+    when ``should_stop`` turns true: a cancelled job stops within one run)."""
     for _ in range(warmup):
+        if should_stop():
+            break
         predictor.predict(batch)
     seconds = []
     for _ in range(runs):
+        if should_stop():
+            break
         started = time.perf_counter()
         predictor.predict(batch)
         seconds.append(time.perf_counter() - started)
+    if not seconds:
+        return pb.LatencyMeasurement(batch_size=len(batch))
     mean = statistics.fmean(seconds)
     result = pb.LatencyMeasurement(
         batch_size=len(batch),
         throughput=len(batch) / mean if mean > 0 else 0.0,
-        runs=runs,
+        runs=len(seconds),
     )
     # Nanoseconds: a timedelta would round a 20 µs batch to the microsecond.
     result.p50.FromNanoseconds(round(percentile(seconds, 50) * 1e9))

@@ -440,3 +440,102 @@ async def test_bad_requests_are_refused_before_a_job_exists(paused: Served, mlp:
     listed = await optimizer.ListOptimizationJobs(rpc.ListOptimizationJobsRequest())
     assert list(listed.optimization_jobs) == []
     assert await asyncio.to_thread(serving_status, paused.target) == "SERVING"
+
+
+async def wait_for_state(served: Served, name: str, state: int) -> pb.OptimizationJob:
+    """The job once a watch update shows ``state``."""
+    request = rpc.WatchOptimizationJobRequest(name=name)
+    call = served.optimizer.WatchOptimizationJob(request, timeout=TEST_TIMEOUT_S)
+    try:
+        async for update in call:
+            if update.optimization_job.state == state:
+                return update.optimization_job
+    finally:
+        call.cancel()
+    raise AssertionError(f"{name} ended without reaching state {state}")
+
+
+# Enough timed runs of the MLP that the job is still measuring when cancelled.
+SLOW = pb.MeasurementConfig(batch_sizes=[1, 32], warmup_runs=2, timed_runs=100_000)
+
+
+@pytest.mark.timeout(TEST_TIMEOUT_S)
+async def test_a_running_job_cancels_at_its_next_step(served: Served) -> None:
+    before = await versions_of(served, "models/mlp")
+    created = await create(
+        served,
+        job(
+            served.source,
+            pb.TechniqueSpec(fp16=pb.Fp16Options()),
+            pb.TechniqueSpec(dynamic_int8=pb.DynamicInt8Options()),
+            measurement=SLOW,
+        ),
+    )
+    await wait_for_state(served, created.name, pb.OPTIMIZATION_JOB_STATE_RUNNING)
+    cancelling = (
+        await served.optimizer.CancelOptimizationJob(
+            rpc.CancelOptimizationJobRequest(name=created.name)
+        )
+    ).optimization_job
+    assert cancelling.state == pb.OPTIMIZATION_JOB_STATE_CANCELLING
+    again = (
+        await served.optimizer.CancelOptimizationJob(
+            rpc.CancelOptimizationJobRequest(name=created.name)
+        )
+    ).optimization_job
+    assert again.state == pb.OPTIMIZATION_JOB_STATE_CANCELLING
+    final = (await watch(served, created.name))[-1]
+    assert final.state == pb.OPTIMIZATION_JOB_STATE_CANCELLED
+    assert {r.state for r in final.results} == {pb.TECHNIQUE_STATE_CANCELLED}
+    assert await versions_of(served, "models/mlp") == before
+
+
+@pytest.mark.timeout(TEST_TIMEOUT_S)
+async def test_a_job_left_running_runs_again_when_the_optimizer_restarts(
+    tmp_path: Path, mlp: Trained
+) -> None:
+    registry_server = await build_registry(
+        RegistrySettings(data_dir=tmp_path, shutdown_grace=timedelta(seconds=1))
+    )
+    settings = OptimizerSettings(
+        data_dir=tmp_path,
+        shutdown_grace=timedelta(seconds=1),
+        registry_addr=f"127.0.0.1:{registry_server.port}",
+    )
+    registry_channel = grpc.aio.insecure_channel(f"127.0.0.1:{registry_server.port}")
+    registry = registry_service_pb2_grpc.RegistryServiceStub(registry_channel)
+    try:
+        source = await register_source(registry, mlp, "mlp")
+        first = await build_optimizer(settings)
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{first.port}")
+        stub = optimizer_service_pb2_grpc.OptimizerServiceStub(channel)
+        served = Served(first, stub, registry, source)
+        slow_then_quick = job(
+            source,
+            pb.TechniqueSpec(fp16=pb.Fp16Options()),
+            measurement=pb.MeasurementConfig(batch_sizes=[1], warmup_runs=1, timed_runs=20_000),
+        )
+        created = await create(served, slow_then_quick)
+        await wait_for_state(served, created.name, pb.OPTIMIZATION_JOB_STATE_RUNNING)
+        await channel.close(None)
+        await first.shutdown()  # the job stops and stays RUNNING, to run again
+        second = await build_optimizer(settings)
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{second.port}")
+        stub = optimizer_service_pb2_grpc.OptimizerServiceStub(channel)
+        served = Served(second, stub, registry, source)
+        try:
+            final = (await watch(served, created.name))[-1]
+            assert final.state == pb.OPTIMIZATION_JOB_STATE_SUCCEEDED, final.error
+            [result] = final.results
+            assert result.state == pb.TECHNIQUE_STATE_SUCCEEDED
+            # Registered once, though the job started twice.
+            assert sorted(await versions_of(served, "models/mlp")) == [
+                "models/mlp/versions/1",
+                "models/mlp/versions/2",
+            ]
+        finally:
+            await channel.close(None)
+            await second.shutdown()
+    finally:
+        await registry_channel.close(None)
+        await registry_server.shutdown()
