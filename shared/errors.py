@@ -99,6 +99,22 @@ class InvalidArgumentError(ConveyorError):
         return status
 
 
+def raise_if_any(violations: Iterable[FieldViolation], message: str) -> None:
+    """Raise one INVALID_ARGUMENT listing every violation, if there are any;
+    its message is ``message`` and the first three violations."""
+    found = list(violations)
+    if found:
+        summary = "; ".join(f"{v.field}: {v.description}" for v in found[:3])
+        raise InvalidArgumentError(f"{message}: {summary}", violations=found)
+
+
+def invalid_field(field: str, description: str) -> InvalidArgumentError:
+    """INVALID_ARGUMENT naming one bad field."""
+    return InvalidArgumentError(
+        f"{field}: {description}", violations=[FieldViolation(field, description)]
+    )
+
+
 class NotFoundError(ConveyorError):
     """The named resource does not exist."""
 

@@ -65,6 +65,28 @@ def decode_page_token(token: str, request_fingerprint: str) -> PageCursor:
     return PageCursor(offset=offset)
 
 
+def next_page_token(has_more: bool, cursor: PageCursor, size: int, request_fingerprint: str) -> str:
+    """The token of the page after ``cursor``'s (of ``size`` items); empty when
+    there is none."""
+    if not has_more:
+        return ""
+    return encode_page_token(PageCursor(cursor.offset + size), request_fingerprint)
+
+
+def newest_first(order_by: str) -> bool:
+    """For a listing ordered by creation: ``create_time desc`` (the default,
+    newest first) or ``create_time`` / ``create_time asc``."""
+    text = " ".join(order_by.split())
+    if text in ("", "create_time desc"):
+        return True
+    if text in ("create_time", "create_time asc"):
+        return False
+    description = "'create_time desc' (the default) or 'create_time asc'"
+    raise InvalidArgumentError(
+        f"order_by: {description}", violations=[FieldViolation("order_by", description)]
+    )
+
+
 def _bad_token(description: str) -> InvalidArgumentError:
     return InvalidArgumentError(
         f"invalid page_token: {description}",

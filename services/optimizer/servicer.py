@@ -34,6 +34,8 @@ from conveyor.shared.errors import (
     FieldViolation,
     InvalidArgumentError,
     NotFoundError,
+    invalid_field,
+    raise_if_any,
 )
 from conveyor.shared.filtering import FieldKind, FilterField, parse_filter
 from conveyor.shared.workers import WorkerThreads
@@ -143,7 +145,7 @@ class OptimizerServicer(optimizer_service_pb2_grpc.OptimizerServiceServicer):
         violations += _technique_violations(given.techniques, result_ids, f"{field}.techniques")
         violations += gate.gate_violations(given.gate, f"{field}.gate")
         violations += _measurement_violations(given.measurement, f"{field}.measurement")
-        _raise_if_any(violations)
+        raise_if_any(violations, "invalid optimisation job")
         runtime.resolve_provider(given.measurement.execution_provider)  # NO_GPU
         version = await self._gateway.version(given.source_model_version)
         self._check_source(version, given)
@@ -230,7 +232,7 @@ class OptimizerServicer(optimizer_service_pb2_grpc.OptimizerServiceServicer):
     ) -> Any:
         size = pagination.page_size(request.page_size)
         restrictions = parse_filter(request.filter, JOB_FILTERS)
-        descending = _newest_first(request.order_by)
+        descending = pagination.newest_first(request.order_by)
         fingerprint = pagination.fingerprint(request.filter, request.order_by)
         cursor = pagination.decode_page_token(request.page_token, fingerprint)
         page = await self._workers.run(
@@ -273,7 +275,7 @@ class OptimizerServicer(optimizer_service_pb2_grpc.OptimizerServiceServicer):
     ) -> Any:
         match = _REPORT.match(request.name)
         if match is None:
-            raise _invalid("name", "expected optimizationJobs/{job}/reports/{report}")
+            raise invalid_field("name", "expected optimizationJobs/{job}/reports/{report}")
         job = await self._manager.get(match["job"])
         for result in job.results:
             if result.result_id == match["id"] and result.HasField("report"):
@@ -395,27 +397,6 @@ def _unsuitable(
         reason="TECHNIQUE_NOT_APPLICABLE",
         metadata={"technique": kind, "model_version": version.name, "format": source_format},
     )
-
-
-def _raise_if_any(violations: Sequence[FieldViolation]) -> None:
-    if violations:
-        summary = "; ".join(f"{v.field}: {v.description}" for v in violations[:3])
-        raise InvalidArgumentError(f"invalid optimisation job: {summary}", violations=violations)
-
-
-def _invalid(field: str, description: str) -> InvalidArgumentError:
-    return InvalidArgumentError(
-        f"{field}: {description}", violations=[FieldViolation(field, description)]
-    )
-
-
-def _newest_first(order_by: str) -> bool:
-    text = " ".join(order_by.split())
-    if text in ("", "create_time desc"):
-        return True
-    if text in ("create_time asc", "create_time"):
-        return False
-    raise _invalid("order_by", "'create_time desc' (the default) or 'create_time asc'")
 
 
 def _job_field(job: pb.OptimizationJob, field: str) -> object:

@@ -41,7 +41,7 @@ from torch import nn
 
 from conveyor.registry.v1 import resources_pb2 as registry_pb
 from conveyor.services.trainer import arguments
-from conveyor.shared.errors import FieldViolation
+from conveyor.shared.errors import FieldViolation, raise_if_any
 
 ARCHITECTURES = ("mlp", "logistic", "small_cnn", "resnet18")
 IMAGE_ARCHITECTURES = frozenset({"small_cnn", "resnet18"})
@@ -86,7 +86,7 @@ def parse_architecture(
     """
     violations: list[FieldViolation] = []
     config = check_architecture(spec, input_shape, num_classes, field, violations)
-    arguments.raise_if_any(violations, "invalid architecture")
+    raise_if_any(violations, "invalid architecture")
     return config
 
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from google.protobuf import json_format, struct_pb2
 
-from conveyor.shared.errors import FieldViolation, InvalidArgumentError
+from conveyor.shared.errors import FieldViolation
 
 Arguments = Mapping[str, Any]
 """Arguments as plain Python values: what ``Struct`` holds, as a mapping."""
@@ -35,14 +35,6 @@ def to_struct(args: Arguments) -> struct_pb2.Struct:
     struct = struct_pb2.Struct()
     struct.update({key: _plain(value) for key, value in args.items()})
     return struct
-
-
-def raise_if_any(violations: Iterable[FieldViolation], message: str) -> None:
-    """Raise one INVALID_ARGUMENT listing every violation, if there are any."""
-    found = list(violations)
-    if found:
-        summary = "; ".join(f"{v.field}: {v.description}" for v in found[:3])
-        raise InvalidArgumentError(f"{message}: {summary}", violations=found)
 
 
 def unknown_keys(

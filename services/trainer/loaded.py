@@ -11,8 +11,7 @@ import numpy as np
 import numpy.typing as npt
 
 from conveyor.registry.v1 import resources_pb2 as registry_pb
-from conveyor.services.trainer import arguments
-from conveyor.shared.errors import FieldViolation
+from conveyor.shared.errors import FieldViolation, raise_if_any
 from conveyor.trainer.v1 import resources_pb2 as pb
 
 DIGEST_FORMAT = "conveyor.dataset/1"
@@ -186,7 +185,7 @@ def concatenate(
         mismatch = _schema_mismatch(primary, other)
         if mismatch:
             violations.append(FieldViolation(f"{field}[{index}]", mismatch))
-    arguments.raise_if_any(violations, "additional datasets do not match")
+    raise_if_any(violations, "additional datasets do not match")
     return LoadedDataset.create(
         name=primary.name,
         features=np.concatenate([primary.features, *(o.features for o in others)]),

@@ -38,6 +38,8 @@ from conveyor.shared.errors import (
     FieldViolation,
     InvalidArgumentError,
     ResourceExhaustedError,
+    invalid_field,
+    raise_if_any,
 )
 from conveyor.shared.filtering import FieldKind, FilterField, matches, parse_filter
 from conveyor.shared.workers import WorkerThreads
@@ -130,7 +132,8 @@ class TrainerServicer(trainer_service_pb2_grpc.TrainerServiceServicer):
         page = selected[cursor.offset : cursor.offset + size]
         more = len(selected) > cursor.offset + size
         return rpc.ListDatasetsResponse(
-            datasets=page, next_page_token=_next_token(more, cursor, size, fingerprint)
+            datasets=page,
+            next_page_token=pagination.next_page_token(more, cursor, size, fingerprint),
         )
 
     async def GetDataset(self, request: rpc.GetDatasetRequest, context: Any) -> Any:
@@ -146,10 +149,10 @@ class TrainerServicer(trainer_service_pb2_grpc.TrainerServiceServicer):
         requests = aiter(request_iterator)
         first = await anext(requests, None)
         if first is None or not first.HasField("metadata"):
-            raise _invalid("metadata", "the first message must carry the metadata")
+            raise invalid_field("metadata", "the first message must carry the metadata")
         metadata = first.metadata
         dataset_id = metadata.dataset_id
-        _raise_if_any(_upload_violations(metadata), "invalid dataset upload")
+        raise_if_any(_upload_violations(metadata), "invalid dataset upload")
         if metadata.size_bytes > self._max_dataset_bytes:
             raise ResourceExhaustedError(
                 f"the file is {metadata.size_bytes} bytes; the limit is {self._max_dataset_bytes}",
@@ -211,15 +214,15 @@ class TrainerServicer(trainer_service_pb2_grpc.TrainerServiceServicer):
         hasher = hashlib.sha256()
         async for message in requests:
             if not message.HasField("chunk"):
-                raise _invalid("chunk", "every message after the first carries a chunk")
+                raise invalid_field("chunk", "every message after the first carries a chunk")
             if len(message.chunk) > MAX_CHUNK_BYTES:
-                raise _invalid("chunk", f"at most {MAX_CHUNK_BYTES} bytes each")
+                raise invalid_field("chunk", f"at most {MAX_CHUNK_BYTES} bytes each")
             if len(received) + len(message.chunk) > metadata.size_bytes:
-                raise _invalid("metadata.size_bytes", "more bytes arrived than were declared")
+                raise invalid_field("metadata.size_bytes", "more bytes arrived than were declared")
             await self._workers.run(hasher.update, message.chunk)
             received += message.chunk
         if len(received) != metadata.size_bytes:
-            raise _invalid(
+            raise invalid_field(
                 "metadata.size_bytes",
                 f"declared {metadata.size_bytes} bytes but {len(received)} arrived",
             )
@@ -288,7 +291,7 @@ class TrainerServicer(trainer_service_pb2_grpc.TrainerServiceServicer):
         violations = list(_job_violations(given))
         if not given.HasField("spec"):
             violations.append(FieldViolation(field, "required: what to train and how"))
-            _raise_if_any(violations, "invalid training job")
+            raise_if_any(violations, "invalid training job")
         await self._validated_spec(given.spec, field, violations)
         created = timestamp(datetime.now(UTC))
         return pb.TrainingJob(
@@ -316,11 +319,11 @@ class TrainerServicer(trainer_service_pb2_grpc.TrainerServiceServicer):
         violations += _dataset_name_violations(spec.data, f"{field}.data")
         violations += _registration_violations(spec.registration, f"{field}.registration")
         if any(v.field.startswith(f"{field}.data.") for v in violations):
-            _raise_if_any(violations, refusal)
+            raise_if_any(violations, refusal)
         try:
             schema = await self._data_schema(spec.data, f"{field}.data")
         except InvalidArgumentError as error:
-            _raise_if_any([*violations, *error.violations], error.message)
+            raise_if_any([*violations, *error.violations], error.message)
             raise
         try:
             await self._workers.run(
@@ -332,7 +335,7 @@ class TrainerServicer(trainer_service_pb2_grpc.TrainerServiceServicer):
             )
         except InvalidArgumentError as error:
             violations += error.violations
-        _raise_if_any(violations, refusal)
+        raise_if_any(violations, refusal)
         if spec.registration.model:
             await self._registrar.check_target(spec.registration.model)
         return schema
@@ -358,7 +361,7 @@ class TrainerServicer(trainer_service_pb2_grpc.TrainerServiceServicer):
             mismatch = _mismatch(primary, schema, extra)
             if mismatch:
                 violations.append(FieldViolation(f"{field}.additional_datasets[{index}]", mismatch))
-        _raise_if_any(violations, "additional datasets do not match")
+        raise_if_any(violations, "additional datasets do not match")
         return DatasetSchema(schema.example_shape, schema.num_classes, schema.modality, total)
 
     async def _describe(self, name: str, builtins: dict[str, pb.Dataset]) -> pb.Dataset:
@@ -375,7 +378,7 @@ class TrainerServicer(trainer_service_pb2_grpc.TrainerServiceServicer):
     async def ListTrainingJobs(self, request: rpc.ListTrainingJobsRequest, context: Any) -> Any:
         size = pagination.page_size(request.page_size)
         restrictions = parse_filter(request.filter, JOB_FILTERS)
-        descending = _newest_first(request.order_by)
+        descending = pagination.newest_first(request.order_by)
         fingerprint = pagination.fingerprint(request.filter, request.order_by)
         cursor = pagination.decode_page_token(request.page_token, fingerprint)
         page = await self._workers.run(
@@ -389,7 +392,7 @@ class TrainerServicer(trainer_service_pb2_grpc.TrainerServiceServicer):
         return rpc.ListTrainingJobsResponse(
             # Running jobs as they are now (the store has them as of their last epoch).
             training_jobs=[self._manager.overlay(job) for job in page.items],
-            next_page_token=_next_token(page.has_more, cursor, size, fingerprint),
+            next_page_token=pagination.next_page_token(page.has_more, cursor, size, fingerprint),
         )
 
     async def CancelTrainingJob(self, request: rpc.CancelTrainingJobRequest, context: Any) -> Any:
@@ -402,7 +405,7 @@ class TrainerServicer(trainer_service_pb2_grpc.TrainerServiceServicer):
         job_id = names.parse_resource_name(request.name, "trainingJobs")
         interval = request.progress_interval
         if interval.seconds < 0 or interval.nanos < 0:
-            raise _invalid("progress_interval", "must not be negative; 0 means 500 ms")
+            raise invalid_field("progress_interval", "must not be negative; 0 means 500 ms")
         seconds = interval.ToTimedelta().total_seconds() or DEFAULT_PROGRESS_INTERVAL_S
         async for response in self._hub.watch(
             request.name,
@@ -452,14 +455,14 @@ class TrainerServicer(trainer_service_pb2_grpc.TrainerServiceServicer):
             violations.append(
                 FieldViolation(f"{field}.base_spec", "required: the spec every trial starts from")
             )
-            _raise_if_any(violations, refusal)
+            raise_if_any(violations, refusal)
         violations += sweeps.sweep_violations(spec, field)
         parameters = search_space.search_space(spec, field, violations)
         schema = await self._validated_spec(
             spec.base_spec, f"{field}.base_spec", violations, refusal=refusal
         )
         violations += sweeps.objective_violations(spec, schema, field)
-        _raise_if_any(violations, refusal)
+        raise_if_any(violations, refusal)
         violations += await self._workers.run(
             sweeps.trial_violations,
             spec,
@@ -468,7 +471,7 @@ class TrainerServicer(trainer_service_pb2_grpc.TrainerServiceServicer):
             cuda_available=self._cuda_available,
             field=field,
         )
-        _raise_if_any(violations, refusal)
+        raise_if_any(violations, refusal)
         created = timestamp(datetime.now(UTC))
         return pb.SweepJob(
             name=f"sweepJobs/{sweep_id}",
@@ -488,7 +491,7 @@ class TrainerServicer(trainer_service_pb2_grpc.TrainerServiceServicer):
     async def ListSweepJobs(self, request: rpc.ListSweepJobsRequest, context: Any) -> Any:
         size = pagination.page_size(request.page_size)
         restrictions = parse_filter(request.filter, SWEEP_FILTERS)
-        descending = _newest_first(request.order_by)
+        descending = pagination.newest_first(request.order_by)
         fingerprint = pagination.fingerprint(request.filter, request.order_by)
         cursor = pagination.decode_page_token(request.page_token, fingerprint)
         page = await self._workers.run(
@@ -501,7 +504,7 @@ class TrainerServicer(trainer_service_pb2_grpc.TrainerServiceServicer):
         )
         return rpc.ListSweepJobsResponse(
             sweep_jobs=page.items,
-            next_page_token=_next_token(page.has_more, cursor, size, fingerprint),
+            next_page_token=pagination.next_page_token(page.has_more, cursor, size, fingerprint),
         )
 
     async def CancelSweepJob(self, request: rpc.CancelSweepJobRequest, context: Any) -> Any:
@@ -632,37 +635,10 @@ def _mismatch(primary: pb.Dataset | None, schema: DatasetSchema, extra: pb.Datas
     return ""
 
 
-def _raise_if_any(violations: Sequence[FieldViolation], message: str) -> None:
-    if violations:
-        summary = "; ".join(f"{v.field}: {v.description}" for v in violations[:3])
-        raise InvalidArgumentError(f"{message}: {summary}", violations=violations)
-
-
-def _invalid(field: str, description: str) -> InvalidArgumentError:
-    return InvalidArgumentError(
-        f"{field}: {description}", violations=[FieldViolation(field, description)]
-    )
-
-
 def _exists(name: str) -> AlreadyExistsError:
     return AlreadyExistsError(
         f"{name} already exists", reason="DATASET_EXISTS", metadata={"name": name}
     )
-
-
-def _newest_first(order_by: str) -> bool:
-    text = " ".join(order_by.split())
-    if text in ("", "create_time desc"):
-        return True
-    if text in ("create_time", "create_time asc"):
-        return False
-    raise _invalid("order_by", "'create_time desc' (the default) or 'create_time'")
-
-
-def _next_token(more: bool, cursor: pagination.PageCursor, size: int, fingerprint: str) -> str:
-    if not more:
-        return ""
-    return pagination.encode_page_token(pagination.PageCursor(cursor.offset + size), fingerprint)
 
 
 # -- filter fields ------------------------------------------------------------------

@@ -13,7 +13,6 @@ import hashlib
 import math
 from dataclasses import dataclass
 
-from conveyor.services.trainer import arguments
 from conveyor.services.trainer.architectures import (
     DROPOUT_ARCHITECTURES,
     ArchitectureConfig,
@@ -23,7 +22,12 @@ from conveyor.services.trainer.augmentation import Augmentation, augmentation_vi
 from conveyor.services.trainer.datasets import SYNTHETIC, DatasetSchema
 from conveyor.services.trainer.splits import fraction_violations, split_sizes_violations
 from conveyor.shared import names
-from conveyor.shared.errors import FailedPreconditionError, FieldViolation, InvalidArgumentError
+from conveyor.shared.errors import (
+    FailedPreconditionError,
+    FieldViolation,
+    InvalidArgumentError,
+    raise_if_any,
+)
 from conveyor.trainer.v1 import resources_pb2 as pb
 
 MAX_EPOCHS = 10_000
@@ -130,7 +134,7 @@ def validate_training_spec(
         _check_model(spec.registration.model, f"{field}.registration.model", violations)
     elif spec.HasField("registration"):
         violations.append(FieldViolation(f"{field}.registration.model", "required"))
-    arguments.raise_if_any(violations, "invalid training job spec")
+    raise_if_any(violations, "invalid training job spec")
     if spec.compute.device == pb.DEVICE_CUDA and not cuda_available:
         raise FailedPreconditionError("CUDA was asked for and no GPU is present", reason="NO_GPU")
     return ResolvedSpec(

@@ -14,9 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from conveyor.services.trainer import arguments
 from conveyor.services.trainer.datasets import Features, Labels, LoadedDataset
-from conveyor.shared.errors import FieldViolation
+from conveyor.shared.errors import FieldViolation, raise_if_any
 from conveyor.trainer.v1 import resources_pb2 as pb
 
 DEFAULT_TRAIN_FRACTION = 0.7
@@ -109,7 +108,7 @@ def split_dataset(
 ) -> DatasetSplits:
     """Cut ``dataset`` by ``spec``; INVALID_ARGUMENT for bad fractions or an empty part."""
     violations = fraction_violations(spec, field=field)
-    arguments.raise_if_any(violations, "invalid split")
+    raise_if_any(violations, "invalid split")
     fractions = resolve_fractions(spec)
     rng = np.random.default_rng(spec.split_seed)
     if spec.stratify:
@@ -129,7 +128,7 @@ def split_dataset(
         for key, chosen in zip(_named_fractions(spec), indices, strict=True)
         if len(chosen) == 0
     ]
-    arguments.raise_if_any(empty, "invalid split")
+    raise_if_any(empty, "invalid split")
     train, validation, test = (_take(dataset, chosen) for chosen in indices)
     return DatasetSplits(dataset=dataset, train=train, validation=validation, test=test)
 

@@ -9,7 +9,7 @@ import numpy as np
 
 from conveyor.services.trainer import arguments
 from conveyor.services.trainer.loaded import LoadedDataset
-from conveyor.shared.errors import FieldViolation
+from conveyor.shared.errors import FieldViolation, raise_if_any
 from conveyor.trainer.v1 import resources_pb2 as pb
 
 SYNTHETIC = "datasets/synthetic"
@@ -170,7 +170,7 @@ def synthetic_arguments(args: Mapping[str, Any], field: str) -> dict[str, Any]:
                 f"num_samples x num_features must be at most {MAX_SYNTHETIC_VALUES}",
             )
         )
-    arguments.raise_if_any(violations, "invalid generator arguments")
+    raise_if_any(violations, "invalid generator arguments")
     return kwargs
 
 
