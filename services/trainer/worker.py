@@ -164,6 +164,11 @@ def run_job(
                 should_cancel=should_cancel,
                 code_revision=job.environment.code_revision,
             )
+        if outcome.resumed_from_epoch:
+            logger.info(
+                "trained on from a checkpoint",
+                extra={"resumed_from_epoch": outcome.resumed_from_epoch},
+            )
         test = evaluate(outcome.model, outcome.splits.test, dataset.class_names)
         result = training_result(outcome, test)
         if rank == 0:
