@@ -10,7 +10,9 @@ registry and ``conveyor registry backup|restore`` snapshots one
 approve`` talk to the policy service (:mod:`conveyor.services.policy.cli`);
 ``conveyor train``, ``conveyor jobs …`` and ``conveyor sweeps …`` create, follow
 and cancel training jobs and hyperparameter sweeps
-(:mod:`conveyor.services.trainer.cli`); ``conveyor credentials`` writes
+(:mod:`conveyor.services.trainer.cli`); ``conveyor optimize`` and ``conveyor
+optimizations …`` create, follow, read and cancel optimisation jobs
+(:mod:`conveyor.services.optimizer.cli`); ``conveyor credentials`` writes
 development tokens. This module only wires their arguments.
 """
 
@@ -32,6 +34,7 @@ from pathlib import Path
 import grpc
 
 from conveyor.services import catalog
+from conveyor.services.optimizer import cli as optimizer_cli
 from conveyor.services.policy import cli as policy_cli
 from conveyor.services.registry import cli as registry_cli
 from conveyor.services.registry import cli_transfer as transfer
@@ -92,6 +95,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_registry_commands(commands)
     _add_policy_commands(commands)
     _add_trainer_commands(commands)
+    _add_optimizer_commands(commands)
     return parser
 
 
@@ -327,6 +331,54 @@ def _add_trainer_commands(commands: _Subparsers[argparse.ArgumentParser]) -> Non
         parser = sub.add_parser(name, help=help, description=help, parents=[client])
         parser.add_argument("sweep", help="the sweep's id or sweepJobs/{id}")
         parser.set_defaults(handler=partial(sweep_cli.run, command))
+
+
+def _add_optimizer_commands(commands: _Subparsers[argparse.ArgumentParser]) -> None:
+    client = argparse.ArgumentParser(add_help=False)
+    optimizer_cli.add_client_arguments(client)
+    optimize = commands.add_parser(
+        "optimize",
+        help="make a registered model smaller and faster, gated on accuracy and latency",
+        description="Create an optimisation job and follow it: progress on stderr, each "
+        "technique's before/after report, gate and outcome on stdout. Each technique flag "
+        "adds one result, in the order given; results that pass the gate are registered as "
+        "new versions of the source's model. Ctrl-C stops following; the job keeps running.",
+        parents=[client],
+    )
+    optimizer_cli.add_optimize_arguments(optimize)
+    optimize.set_defaults(handler=partial(optimizer_cli.run, optimizer_cli.optimize))
+    jobs = commands.add_parser(
+        "optimizations", help="list, show, watch, cancel optimisation jobs and read reports"
+    )
+    jobs.set_defaults(handler=_usage(jobs))
+    sub = jobs.add_subparsers(metavar="COMMAND")
+    listing = sub.add_parser("list", help="optimisation jobs, newest first", parents=[client])
+    listing.add_argument("--state", type=str.lower, choices=optimizer_cli.STATES)
+    listing.add_argument(
+        "--limit", type=trainer_cli.positive, default=50, help="at most this many (default: 50)"
+    )
+    listing.set_defaults(handler=partial(optimizer_cli.run, optimizer_cli.optimizations_list))
+    for name, command, help in (
+        ("show", optimizer_cli.optimizations_show, "a job's fields and each result's report"),
+        ("watch", optimizer_cli.optimizations_watch, "follow a job to its end (exit 0 if done)"),
+        ("cancel", optimizer_cli.optimizations_cancel, "cancel a job (registered results stay)"),
+    ):
+        parser = sub.add_parser(name, help=help, description=help, parents=[client])
+        parser.add_argument("job", help="the job's id or optimizationJobs/{id}")
+        parser.set_defaults(handler=partial(optimizer_cli.run, command))
+    report = sub.add_parser(
+        "report",
+        help="one result's before/after report",
+        description="one result's before/after report",
+        parents=[client],
+    )
+    report.add_argument(
+        "report",
+        type=optimizer_cli.report_name,
+        metavar="JOB/RESULT_ID",
+        help="e.g. abc/static-int8, or optimizationJobs/abc/reports/static-int8",
+    )
+    report.set_defaults(handler=partial(optimizer_cli.run, optimizer_cli.optimizations_report))
 
 
 def _train(args: argparse.Namespace) -> int:

@@ -539,3 +539,71 @@ async def test_a_job_left_running_runs_again_when_the_optimizer_restarts(
     finally:
         await registry_channel.close(None)
         await registry_server.shutdown()
+
+
+EVERY_TECHNIQUE = (
+    (pb.TechniqueSpec(onnx_export=pb.OnnxExportOptions()), registry_pb.MODEL_FORMAT_ONNX_FP32),
+    (
+        pb.TechniqueSpec(graph_optimization=pb.GraphOptimizationOptions()),
+        registry_pb.MODEL_FORMAT_ONNX_FP32,
+    ),
+    (
+        pb.TechniqueSpec(dynamic_int8=pb.DynamicInt8Options()),
+        registry_pb.MODEL_FORMAT_ONNX_INT8_DYNAMIC,
+    ),
+    (
+        pb.TechniqueSpec(static_int8=pb.StaticInt8Options(per_channel=True)),
+        registry_pb.MODEL_FORMAT_ONNX_INT8_STATIC,
+    ),
+    (pb.TechniqueSpec(fp16=pb.Fp16Options()), registry_pb.MODEL_FORMAT_ONNX_FP16),
+    (
+        pb.TechniqueSpec(
+            pruning=pb.PruningOptions(
+                method=pb.PRUNING_METHOD_UNSTRUCTURED, amount=0.3, fine_tune_epochs=1
+            )
+        ),
+        registry_pb.MODEL_FORMAT_ONNX_FP32,
+    ),
+)
+
+
+@pytest.mark.timeout(TEST_TIMEOUT_S)
+@pytest.mark.parametrize("model", ["mlp", "cnn"])
+async def test_every_technique_through_the_api_on_the_mlp_and_the_cnn(
+    served: Served, model: str, request: pytest.FixtureRequest
+) -> None:
+    trained: Trained = request.getfixturevalue(model)
+    source = served.source
+    if model == "cnn":
+        source = await register_source(served.registry, trained, "small-cnn")
+    # A lenient gate: every result is registered, and each is checked here.
+    lenient = pb.OptimizationGate(latency_tolerance=1000.0, max_accuracy_drop_points=100.0)
+    created = await create(
+        served, job(source, *(spec for spec, _ in EVERY_TECHNIQUE), gate=lenient)
+    )
+    final = (await watch(served, created.name))[-1]
+    assert final.state == pb.OPTIMIZATION_JOB_STATE_SUCCEEDED, final.error
+    splits = load_splits(trained.source.version)
+    features = np.asarray(splits.test.features, dtype=np.float32)
+    labels = np.asarray(splits.test.labels)
+    for result, (_, expected_format) in zip(final.results, EVERY_TECHNIQUE, strict=True):
+        assert result.state == pb.TECHNIQUE_STATE_SUCCEEDED, result.error
+        version = (
+            await served.registry.GetModelVersion(
+                registry_rpc.GetModelVersionRequest(name=result.model_version)
+            )
+        ).model_version
+        assert version.format == expected_format
+        assert version.lineage.parent_version == source
+        _, data = await download(served.registry, version.name)
+        session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+        outputs = np.asarray(session.run(None, {"input": features})[0], dtype=np.float64)
+        accuracy = float(np.mean(outputs.argmax(axis=1) == labels))
+        report = result.report
+        assert report.candidate.metrics["accuracy"] == pytest.approx(accuracy)
+        assert report.candidate.evaluation_samples == len(labels)
+        if result.technique in (pb.TECHNIQUE_ONNX_EXPORT, pb.TECHNIQUE_GRAPH_OPTIMIZATION):
+            assert report.parity.max_abs_error <= 1e-4
+            assert report.candidate.metrics["accuracy"] == pytest.approx(trained.test_accuracy)
+        if result.technique == pb.TECHNIQUE_PRUNING:
+            assert report.candidate.sparsity > 0.2
