@@ -65,6 +65,15 @@ PRECISION: Final = {
     registry_pb.MODEL_FORMAT_ONNX_INT8_STATIC: pb.PRECISION_INT8,
     registry_pb.MODEL_FORMAT_ONNX_FP16: pb.PRECISION_FP16,
 }
+TECHNIQUE_NAMES: Final = {
+    pb.TECHNIQUE_ONNX_EXPORT: "ONNX export",
+    pb.TECHNIQUE_GRAPH_OPTIMIZATION: "graph optimisation",
+    pb.TECHNIQUE_DYNAMIC_INT8: "dynamic int8 quantisation",
+    pb.TECHNIQUE_STATIC_INT8: "static int8 quantisation",
+    pb.TECHNIQUE_FP16: "fp16 conversion",
+    pb.TECHNIQUE_PRUNING: "pruning and ONNX export",
+}
+"""What each technique did, in words (descriptions of results)."""
 TRANSFORMATION: Final = {
     pb.TECHNIQUE_ONNX_EXPORT: "onnx_export",
     pb.TECHNIQUE_GRAPH_OPTIMIZATION: "graph_optimization",
@@ -167,7 +176,7 @@ class Optimization:
             provider=self.provider,
             threads=self.config.intra_op_threads,
             precision=PRECISION[model_format],
-            description=f"{TRANSFORMATION[technique]} of {self.source.version.name}",
+            description=f"{TECHNIQUE_NAMES[technique]} of {self.source.version.name}",
         )
         on_phase(pb.OPTIMIZATION_PHASE_BENCHMARKING, f"{result_id}: measuring latency")
         measured, outputs = measurement.measure(
@@ -335,10 +344,7 @@ def result_version(
     parent = source.version
     technique = outcome.report.technique
     version = registry_pb.ModelVersion(
-        description=(
-            f"{TRANSFORMATION[technique]} of {parent.name} by {job_name}: "
-            f"{outcome.report.candidate.description}"
-        )[:16_000],
+        description=(f"{TECHNIQUE_NAMES[technique]} of {parent.name} by {job_name}")[:16_000],
         format=outcome.model_format,
         task=parent.task,
         signature=parent.signature,

@@ -704,7 +704,8 @@ class OnnxExportOptions(_message.Message):
     OPSET_FIELD_NUMBER: _builtins.int
     opset: _builtins.int
     """Optional. The ONNX opset, 13 to the highest the installed exporter and
-    ONNX Runtime support (INVALID_ARGUMENT otherwise). 0 means 17.
+    ONNX Runtime support (INVALID_ARGUMENT otherwise). 0 means 18, the
+    exporter's own opset (lower ones are converted after export).
     """
     def __init__(
         self,
