@@ -340,6 +340,8 @@ def _option_violations(spec: pb.TechniqueSpec, at: str) -> list[FieldViolation]:
                     f"{at}.calibration_samples", f"0 (meaning 512) to {MAX_CALIBRATION_SAMPLES}"
                 )
             )
+        if calibration.activation_type not in pb.QuantizationWeightType.values():
+            violations.append(FieldViolation(f"{at}.activation_type", "INT8 or UINT8"))
         if calibration.calibration_method not in pb.CalibrationMethod.values():
             violations.append(
                 FieldViolation(f"{at}.calibration_method", "MINMAX, ENTROPY or PERCENTILE")

@@ -93,7 +93,11 @@ def technique_of(spec: pb.TechniqueSpec) -> pb.Technique.ValueType:
     return TECHNIQUE_OF[chosen] if chosen else pb.TECHNIQUE_UNSPECIFIED
 
 
-def resolved_spec(spec: pb.TechniqueSpec, source: SourceModel) -> pb.TechniqueSpec:
+def resolved_spec(
+    spec: pb.TechniqueSpec,
+    source: SourceModel,
+    provider: pb.ExecutionProvider.ValueType = pb.EXECUTION_PROVIDER_CPU,
+) -> pb.TechniqueSpec:
     """``spec`` with every default filled in, as its report records it."""
     resolved = pb.TechniqueSpec()
     resolved.CopyFrom(spec)
@@ -108,6 +112,11 @@ def resolved_spec(spec: pb.TechniqueSpec, source: SourceModel) -> pb.TechniqueSp
         options = resolved.static_int8
         options.calibration_samples = options.calibration_samples or DEFAULT_CALIBRATION_SAMPLES
         options.calibration_method = options.calibration_method or pb.CALIBRATION_METHOD_MINMAX
+        if not options.activation_type:
+            on_cpu = provider == pb.EXECUTION_PROVIDER_CPU
+            options.activation_type = (
+                pb.QUANTIZATION_WEIGHT_TYPE_UINT8 if on_cpu else pb.QUANTIZATION_WEIGHT_TYPE_INT8
+            )
     elif kind == "pruning" and not resolved.pruning.fine_tune_learning_rate:
         recorded = source.version.hyperparameters.fields.get("learning_rate")
         rate = recorded.number_value / 10 if recorded is not None else 0.0
@@ -163,7 +172,7 @@ class Optimization:
     def apply(self, spec: pb.TechniqueSpec, result_id: str, on_phase: PhaseCallback) -> Outcome:
         """Build, measure and judge one technique's candidate."""
         technique = technique_of(spec)
-        spec = resolved_spec(spec, self.source)
+        spec = resolved_spec(spec, self.source, self.provider)
         if technique in (pb.TECHNIQUE_ONNX_EXPORT, pb.TECHNIQUE_PRUNING):
             baseline = self._measure_pytorch_baseline(on_phase)
         else:

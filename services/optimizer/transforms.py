@@ -203,7 +203,7 @@ def quantize_static_int8(
                 quant_format=QuantFormat.QDQ,
                 op_types_to_quantize=list(options.op_types) or None,
                 per_channel=options.per_channel,
-                activation_type=QuantType.QInt8,
+                activation_type=WEIGHT_TYPES[options.activation_type],
                 weight_type=QuantType.QInt8,
                 calibrate_method=CALIBRATION_METHODS[options.calibration_method],
             )

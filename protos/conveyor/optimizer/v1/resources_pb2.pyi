@@ -788,6 +788,7 @@ class StaticInt8Options(_message.Message):
     CALIBRATION_METHOD_FIELD_NUMBER: _builtins.int
     PER_CHANNEL_FIELD_NUMBER: _builtins.int
     OP_TYPES_FIELD_NUMBER: _builtins.int
+    ACTIVATION_TYPE_FIELD_NUMBER: _builtins.int
     calibration_samples: _builtins.int
     """Optional. How many training-split samples to calibrate on, 1 to 10,000;
     0 means 512 (or the whole split when smaller). Drawn with a fixed seed,
@@ -798,6 +799,13 @@ class StaticInt8Options(_message.Message):
     per_channel: _builtins.bool
     """Optional. Quantise weights per output channel instead of per tensor
     (usually better accuracy for convolutions).
+    """
+    activation_type: Global___QuantizationWeightType.ValueType
+    """Optional. The integer type of the activations (the weights are always
+    signed INT8). Unset: UINT8 when the job measures on the CPU (x86 CPUs
+    without VNNI run unsigned-by-signed int8 products much faster: 2.4x
+    against 1.4x over fp32 for ResNet-18 here), INT8 on CUDA (what TensorRT
+    and cuDNN expect of QDQ models).
     """
     @_builtins.property
     def op_types(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
@@ -812,10 +820,11 @@ class StaticInt8Options(_message.Message):
         calibration_method: Global___CalibrationMethod.ValueType = ...,
         per_channel: _builtins.bool = ...,
         op_types: _abc.Iterable[_builtins.str] | None = ...,
+        activation_type: Global___QuantizationWeightType.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["calibration_method", b"calibration_method", "calibration_samples", b"calibration_samples", "op_types", b"op_types", "per_channel", b"per_channel"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["activation_type", b"activation_type", "calibration_method", b"calibration_method", "calibration_samples", b"calibration_samples", "op_types", b"op_types", "per_channel", b"per_channel"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
