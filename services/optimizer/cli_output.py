@@ -68,6 +68,11 @@ PASSED: Final = "✓"
 FAILED: Final = "✗"
 
 
+def job_name(text: str) -> str:
+    """``optimizationJobs/abc`` from ``abc`` or ``optimizationJobs/abc``."""
+    return text if text.startswith("optimizationJobs/") else f"optimizationJobs/{text}"
+
+
 def job_id(name: str) -> str:
     """``abc`` from ``optimizationJobs/abc``."""
     return name.removeprefix("optimizationJobs/")
