@@ -13,15 +13,18 @@ names so that standard tooling configures it.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import timedelta
 from pathlib import Path
 from typing import ClassVar
 
+import grpc
+from google.protobuf.descriptor import ServiceDescriptor
 from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from conveyor.shared.auth.settings import AuthSettings
-from conveyor.shared.channel import ClientTLS
+from conveyor.shared.channel import ClientTLS, create_channel
 from conveyor.shared.ports import default_address
 from conveyor.shared.secrets.base import SecretStore
 from conveyor.shared.secrets.settings import SecretStoreSettings, open_secret_store
@@ -183,6 +186,23 @@ class ClientSettings(BaseSettings):
         if self.token_file is not None:
             return self.token_file.read_text(encoding="ascii").strip() or None
         return self.token.get_secret_value() if self.token is not None else None
+
+    def channel(
+        self,
+        target: str,
+        services: Sequence[ServiceDescriptor],
+        *,
+        timeout: timedelta | None = None,
+    ) -> grpc.aio.Channel:
+        """A client's channel to ``target``: these settings' TLS and bearer
+        token, ``timeout`` (else ``default_timeout``) for each call."""
+        return create_channel(
+            target,
+            services=services,
+            default_timeout=timeout or self.default_timeout,
+            tls=self.tls(),
+            bearer_token=self.bearer_token(),
+        )
 
     def tls(self) -> ClientTLS | None:
         """TLS material for channels to peers, or None for plaintext."""

@@ -53,7 +53,6 @@ from conveyor.services.trainer.cli import (
 )
 from conveyor.services.trainer.cli_output import code_name
 from conveyor.shared import names
-from conveyor.shared.channel import create_channel
 from conveyor.shared.errors import ConveyorError, from_rpc_error
 from conveyor.shared.settings import ClientSettings
 
@@ -393,13 +392,7 @@ async def _with_session(
     following: Following,
 ) -> int:
     timeout = args.timeout or settings.default_timeout.total_seconds()
-    channel = create_channel(
-        target,
-        services=[OPTIMIZER_SERVICE],
-        default_timeout=timedelta(seconds=timeout),
-        tls=settings.tls(),
-        bearer_token=settings.bearer_token(),
-    )
+    channel = settings.channel(target, [OPTIMIZER_SERVICE], timeout=timedelta(seconds=timeout))
     async with channel:
         stub = optimizer_service_pb2_grpc.OptimizerServiceStub(channel)
         return await command(Session(stub, target, timeout, following), args)

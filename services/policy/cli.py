@@ -27,7 +27,6 @@ from conveyor.services.policy.audit import VerificationResult
 from conveyor.services.policy.audit_export import verify_export_file, write_export
 from conveyor.services.policy.servicer import verification_response
 from conveyor.services.registry import cli_output as out
-from conveyor.shared.channel import create_channel
 from conveyor.shared.errors import ConveyorError, from_rpc_error
 from conveyor.shared.settings import ClientSettings
 
@@ -186,12 +185,6 @@ def _print_verification(
 async def _with_stub(
     command: PolicyCommand, args: argparse.Namespace, settings: ClientSettings, target: str
 ) -> int:
-    channel = create_channel(
-        target,
-        services=[POLICY_SERVICE],
-        default_timeout=settings.default_timeout,
-        tls=settings.tls(),
-        bearer_token=settings.bearer_token(),
-    )
+    channel = settings.channel(target, [POLICY_SERVICE])
     async with channel:
         return await command(policy_service_pb2_grpc.PolicyServiceStub(channel), args)

@@ -29,7 +29,6 @@ from conveyor.registry.v1 import registry_messages_pb2 as rpc
 from conveyor.registry.v1 import registry_service_pb2, registry_service_pb2_grpc
 from conveyor.registry.v1 import resources_pb2 as pb
 from conveyor.services.registry import cli_output as out
-from conveyor.shared.channel import create_channel
 from conveyor.shared.errors import ConveyorError, from_rpc_error
 from conveyor.shared.settings import ClientSettings
 
@@ -332,13 +331,7 @@ async def _with_session(
     command: Command, args: argparse.Namespace, settings: ClientSettings, target: str
 ) -> int:
     """Runs ``command`` over one channel (retries for idempotent calls, TLS when set)."""
-    channel = create_channel(
-        target,
-        services=[REGISTRY_SERVICE],
-        default_timeout=settings.default_timeout,
-        tls=settings.tls(),
-        bearer_token=settings.bearer_token(),
-    )
+    channel = settings.channel(target, [REGISTRY_SERVICE])
     async with channel:
         session = Session(
             registry=registry_service_pb2_grpc.RegistryServiceStub(channel),

@@ -42,7 +42,6 @@ import pydantic
 from conveyor.services.registry import cli_output as out
 from conveyor.services.trainer import cli_output as job_out
 from conveyor.services.trainer.cli_output import TERMINAL, ProgressView, job_id, sweep_id
-from conveyor.shared.channel import create_channel
 from conveyor.shared.errors import ConveyorError, InvalidArgumentError, from_rpc_error
 from conveyor.shared.settings import ClientSettings
 from conveyor.trainer.v1 import resources_pb2 as pb
@@ -492,13 +491,7 @@ async def _with_session(
     following: Following,
 ) -> int:
     timeout = args.timeout or settings.default_timeout.total_seconds()
-    channel = create_channel(
-        target,
-        services=[TRAINER_SERVICE],
-        default_timeout=timedelta(seconds=timeout),
-        tls=settings.tls(),
-        bearer_token=settings.bearer_token(),
-    )
+    channel = settings.channel(target, [TRAINER_SERVICE], timeout=timedelta(seconds=timeout))
     async with channel:
         stub = trainer_service_pb2_grpc.TrainerServiceStub(channel)
         return await command(Session(stub, target, timeout, following), args)
