@@ -395,6 +395,18 @@ class JobManager:
             job.dataset_digest = str(message.get("dataset_digest", ""))
             _touch(job)
             await self._persist(running)
+        elif received.type == "resumed":
+            # The checkpoint's epochs: the store may lack the last of them if the
+            # trainer died between the worker's checkpoint and its own save.
+            restored = []
+            for entry in message.get("history", []):
+                summary = pb.EpochSummary()
+                protocol.from_json(entry, summary)
+                restored.append(summary)
+            del job.history[:]
+            job.history.extend(restored)
+            _touch(job)
+            await self._persist(running)
         elif received.type == "step":
             progress = pb.TrainingProgress()
             protocol.from_json(message, progress)

@@ -22,6 +22,9 @@ The worker writes one JSON object per line to its stdout (rank 0 only):
 
 - ``started``: ``{"environment": ExecutionEnvironment, "dataset_digest": str}``;
 - ``step``: ``TrainingProgress`` (at most every :data:`STEP_EVENT_INTERVAL_S`);
+- ``resumed``: ``{"history": [EpochSummary, ...]}``, once, when training goes on
+  from a checkpoint: the epochs the checkpoint holds, which replace the job's
+  history (the trainer may have died before it recorded the last of them);
 - ``epoch``: ``{"epoch": EpochSummary, "progress": TrainingProgress}``;
 - ``checkpoint``: ``CheckpointInfo``;
 - ``result``: ``TrainingResult``;
@@ -60,7 +63,7 @@ EXIT_SUCCEEDED: Final = 0
 EXIT_FAILED: Final = 1
 EXIT_CANCELLED: Final = 3
 
-EVENT_TYPES: Final = ("started", "step", "epoch", "checkpoint", "result", "error")
+EVENT_TYPES: Final = ("started", "resumed", "step", "epoch", "checkpoint", "result", "error")
 
 STEP_EVENT_INTERVAL_S: Final = 0.05
 """The least time between two ``step`` lines: the shortest progress interval a

@@ -81,7 +81,7 @@ import hashlib
 import importlib.metadata
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -117,6 +117,9 @@ class TrainingObserver:
 
     Called on the training thread: keep them quick, and never raise.
     """
+
+    def on_resume(self, history: Sequence[pb.EpochSummary]) -> None:
+        """Once, when training goes on from a checkpoint: the epochs it holds."""
 
     def on_step(self, progress: pb.TrainingProgress) -> None:
         """After every optimisation step."""
@@ -347,6 +350,7 @@ class _Run:
         if checkpoint is not None:
             self._restore(load_checkpoint(checkpoint))
             resumed_from = self.epoch
+            self.observer.on_resume(tuple(self.history))
         while self.epoch < self.spec.epochs and not self.early.stopped:
             self._train_epoch(self.epoch + 1)
         if self.spec.early_stopping is not None and self.early.best_model:

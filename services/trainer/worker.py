@@ -243,6 +243,9 @@ class _Observer(TrainingObserver):
         self._emitter = emitter
         self._last_step = -float("inf")
 
+    def on_resume(self, history: Sequence[pb.EpochSummary]) -> None:
+        self._emitter.emit("resumed", {"history": [protocol.to_json(s) for s in history]})
+
     def on_step(self, progress: pb.TrainingProgress) -> None:
         now = time.monotonic()
         if now - self._last_step >= protocol.STEP_EVENT_INTERVAL_S:

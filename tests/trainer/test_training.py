@@ -4,6 +4,7 @@ early stopping, cancellation, progress and checkpoints (all on the CPU)."""
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -36,9 +37,13 @@ class Recorder(TrainingObserver):
         self.steps: list[pb.TrainingProgress] = []
         self.epochs: list[pb.EpochSummary] = []
         self.checkpoints: list[pb.CheckpointInfo] = []
+        self.restored: list[list[pb.EpochSummary]] = []
         self.cancel_at_step = cancel_at_step
         self.cancel_after_epoch = cancel_after_epoch
         self.cancelled = False
+
+    def on_resume(self, history: Sequence[pb.EpochSummary]) -> None:
+        self.restored.append(list(history))
 
     def on_step(self, progress: pb.TrainingProgress) -> None:
         self.steps.append(progress)
@@ -165,8 +170,14 @@ def test_resume_after_an_interruption_equals_an_uninterrupted_run(
             should_cancel=dying.should_cancel,
         )
     assert [c.epoch for c in dying.checkpoints] == [1, 2]
-    resumed = train(spec, small_digits, checkpoint_path=path)
+    assert dying.restored == []
+    watching = Recorder()
+    resumed = train(spec, small_digits, checkpoint_path=path, observer=watching)
     assert resumed.resumed_from_epoch == 2
+    # The observer hears once of the epochs the checkpoint holds, then the rest.
+    [restored] = watching.restored
+    assert restored == dying.epochs[:2]
+    assert [e.epoch for e in watching.epochs] == [3, 4]
     assert _same_weights(resumed.model, uninterrupted.model)
     assert resumed.global_step == uninterrupted.global_step
     assert [e.train_loss for e in resumed.history] == [e.train_loss for e in uninterrupted.history]
