@@ -1,0 +1,271 @@
+"""Dynamic batching: concurrent requests to one model merged into one computation.
+
+Requests queue per model. The scheduler takes the oldest request and gathers
+the ones after it that fit (the same datatypes and per-example shapes) until
+the batch holds ``max_batch_size`` rows or ``max_queue_delay`` has passed
+since the oldest arrived, runs the model once on the concatenated inputs, and
+splits the outputs back by each request's rows, exactly.
+
+- **Bounded.** At most ``max_queue_size`` requests wait; one more is refused
+  at once with RESOURCE_EXHAUSTED (``QUEUE_FULL``) instead of growing a backlog.
+- **Deadlines.** A request whose deadline passes while it waits is answered
+  DEADLINE_EXCEEDED and never computed; a caller that goes away (its task
+  cancelled) is dropped the same way.
+- **Failures.** A computation that fails fails the requests in its batch
+  only; the queue goes on.
+- **Statistics** like Triton's: requests, batches (executions), rows, and the
+  cumulative time requests waited and computations took.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from conveyor.shared.errors import (
+    DeadlineExceededError,
+    FieldViolation,
+    InvalidArgumentError,
+    ResourceExhaustedError,
+    UnavailableError,
+)
+
+Arrays = Mapping[str, npt.NDArray[Any]]
+Compute = Callable[[dict[str, npt.NDArray[Any]]], Awaitable[dict[str, npt.NDArray[Any]]]]
+
+
+@dataclass
+class BatchStatistics:
+    """Cumulative counts and durations since the batcher started."""
+
+    requests: int = 0
+    """Requests computed (each in some batch)."""
+    executions: int = 0
+    """Computations run (batches)."""
+    rows: int = 0
+    """Examples computed, over all batches."""
+    queue_ns: int = 0
+    """Time requests waited before their batch ran, summed."""
+    compute_ns: int = 0
+    """Time computations took, summed per request (as Triton counts it)."""
+    refused_full: int = 0
+    expired: int = 0
+    failed: int = 0
+    batch_sizes: dict[int, int] = field(default_factory=dict)
+    """How many batches had each number of rows."""
+
+
+@dataclass(eq=False)
+class _Pending:
+    inputs: dict[str, npt.NDArray[Any]]
+    rows: int
+    key: tuple[Any, ...]
+    deadline: float | None
+    arrived: float
+    answer: asyncio.Future[dict[str, npt.NDArray[Any]]]
+
+
+class DynamicBatcher:
+    """Merges concurrent requests to one model and runs ``compute`` on each batch."""
+
+    def __init__(
+        self,
+        compute: Compute,
+        *,
+        max_batch_size: int,
+        max_queue_delay: timedelta,
+        max_queue_size: int,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if max_batch_size < 1 or max_queue_size < 1:
+            raise ValueError("max_batch_size and max_queue_size are at least 1")
+        self._compute = compute
+        self.max_batch_size = max_batch_size
+        self._delay_s = max_queue_delay.total_seconds()
+        self.max_queue_size = max_queue_size
+        self._clock = clock
+        self._queue: deque[_Pending] = deque()
+        self._wake = asyncio.Event()
+        self._closed = False
+        self._runner: asyncio.Task[None] | None = None
+        self.statistics = BatchStatistics()
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._queue)
+
+    async def infer(self, inputs: Arrays, *, deadline: float | None = None) -> dict[str, Any]:
+        """``compute``'s outputs for ``inputs`` (each array's first dimension is
+        the batch), computed in some batch; ``deadline`` is on the batcher's
+        clock."""
+        if self._closed:
+            raise UnavailableError("the model is being unloaded", reason="MODEL_UNLOADING")
+        rows = _rows(inputs)
+        if rows > self.max_batch_size:
+            raise InvalidArgumentError(
+                f"a batch of {rows} is over the model's max batch size {self.max_batch_size}",
+                violations=[
+                    FieldViolation("inputs", f"at most {self.max_batch_size} in the batch")
+                ],
+                reason="BATCH_TOO_LARGE",
+            )
+        now = self._clock()
+        if deadline is not None and deadline <= now:
+            self.statistics.expired += 1
+            raise _expired()
+        if len(self._queue) >= self.max_queue_size:
+            self.statistics.refused_full += 1
+            raise ResourceExhaustedError(
+                f"the model's queue is full ({len(self._queue)} requests); retry later",
+                reason="QUEUE_FULL",
+                metadata={"max_queue_size": str(self.max_queue_size)},
+            )
+        pending = _Pending(
+            inputs=dict(inputs),
+            rows=rows,
+            key=_key(inputs),
+            deadline=deadline,
+            arrived=now,
+            answer=asyncio.get_running_loop().create_future(),
+        )
+        self._queue.append(pending)
+        self._ensure_running()
+        self._wake.set()
+        try:
+            return await pending.answer
+        except asyncio.CancelledError:
+            # The caller went away: its request is skipped if not yet computed.
+            pending.answer.cancel()
+            raise
+
+    async def close(self) -> None:
+        """Refuse new requests, fail the waiting ones with UNAVAILABLE, stop."""
+        self._closed = True
+        while self._queue:
+            pending = self._queue.popleft()
+            if not pending.answer.done():
+                pending.answer.set_exception(
+                    UnavailableError("the model was unloaded", reason="MODEL_UNLOADED")
+                )
+        if self._runner is not None:
+            self._runner.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._runner
+
+    # -- scheduling -----------------------------------------------------------------
+
+    def _ensure_running(self) -> None:
+        if self._runner is None or self._runner.done():
+            self._runner = asyncio.create_task(self._run(), name="dynamic-batcher")
+
+    async def _run(self) -> None:
+        while not self._closed:
+            if not self._queue:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            batch = await self._gather()
+            if batch:
+                await self._execute(batch)
+
+    async def _gather(self) -> list[_Pending]:
+        """The next batch: the oldest live request and the compatible ones after
+        it, once full or once the oldest has waited ``max_queue_delay``."""
+        while True:
+            self._drop_dead()
+            if not self._queue:
+                return []
+            first = self._queue[0]
+            batch = self._compatible(first)
+            rows = sum(p.rows for p in batch)
+            wait = first.arrived + self._delay_s - self._clock()
+            if rows >= self.max_batch_size or wait <= 0:
+                for pending in batch:
+                    self._queue.remove(pending)
+                return batch
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), wait)
+
+    def _compatible(self, first: _Pending) -> list[_Pending]:
+        batch, rows = [], 0
+        for pending in self._queue:
+            if pending.key != first.key or pending.answer.done():
+                continue
+            if rows + pending.rows > self.max_batch_size:
+                break
+            batch.append(pending)
+            rows += pending.rows
+        return batch
+
+    def _drop_dead(self) -> None:
+        """Answer the expired requests and forget the abandoned ones."""
+        now = self._clock()
+        for pending in list(self._queue):
+            if pending.answer.done():
+                self._queue.remove(pending)
+            elif pending.deadline is not None and pending.deadline <= now:
+                self._queue.remove(pending)
+                self.statistics.expired += 1
+                pending.answer.set_exception(_expired())
+
+    async def _execute(self, batch: list[_Pending]) -> None:
+        started = self._clock()
+        inputs = {
+            name: np.concatenate([p.inputs[name] for p in batch]) if len(batch) > 1 else array
+            for name, array in batch[0].inputs.items()
+        }
+        try:
+            outputs = await self._compute(inputs)
+        except Exception as error:  # noqa: BLE001 - whatever the model raised, its callers get
+            self.statistics.failed += len(batch)
+            for pending in batch:
+                if not pending.answer.done():
+                    pending.answer.set_exception(error)
+            return
+        finished = self._clock()
+        rows = sum(p.rows for p in batch)
+        stats = self.statistics
+        stats.executions += 1
+        stats.requests += len(batch)
+        stats.rows += rows
+        stats.batch_sizes[rows] = stats.batch_sizes.get(rows, 0) + 1
+        offset = 0
+        for pending in batch:
+            stats.queue_ns += int((started - pending.arrived) * 1e9)
+            stats.compute_ns += int((finished - started) * 1e9)
+            part = {name: array[offset : offset + pending.rows] for name, array in outputs.items()}
+            offset += pending.rows
+            if not pending.answer.done():
+                pending.answer.set_result(part)
+
+
+def _rows(inputs: Arrays) -> int:
+    sizes = {array.shape[0] if array.ndim else 1 for array in inputs.values()}
+    if len(sizes) != 1:
+        raise InvalidArgumentError(
+            "the inputs' first (batch) dimensions differ",
+            violations=[FieldViolation("inputs", "every input has the same batch size")],
+        )
+    return sizes.pop()
+
+
+def _key(inputs: Arrays) -> tuple[Any, ...]:
+    """What requests must share to be batched: names, datatypes, example shapes."""
+    return tuple(sorted((name, array.dtype.str, array.shape[1:]) for name, array in inputs.items()))
+
+
+def _expired() -> DeadlineExceededError:
+    return DeadlineExceededError(
+        "the request's deadline passed while it waited; it was not computed",
+        reason="DEADLINE_PASSED_IN_QUEUE",
+    )
