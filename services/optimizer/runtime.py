@@ -1,10 +1,9 @@
-"""ONNX Runtime sessions on the right execution provider, and what ran them.
+"""The execution provider a job measures on, and what ran its measurements.
 
-``onnxruntime-gpu`` lists the CUDA (and TensorRT) providers whether or not a
-GPU is present, and a session asked for CUDA on a machine without one logs
-errors at every creation (``../shared/TRAPS.md``). So the provider follows
-whether a GPU is really there (a CUDA device PyTorch can open), and every
-measurement says which provider ran it.
+The provider follows whether a GPU is really there
+(:func:`conveyor.shared.onnx_runtime.gpu_present`), sessions are pinned to it
+(:func:`conveyor.shared.onnx_runtime.create_session`), and every measurement
+says which provider and machine ran it.
 """
 
 from __future__ import annotations
@@ -19,20 +18,15 @@ import onnxruntime as ort
 import torch
 
 from conveyor.optimizer.v1 import resources_pb2 as pb
+from conveyor.shared import onnx_runtime
 from conveyor.shared.errors import FailedPreconditionError
 
 PROVIDER_NAMES: Final = {
-    pb.EXECUTION_PROVIDER_CPU: "CPUExecutionProvider",
-    pb.EXECUTION_PROVIDER_CUDA: "CUDAExecutionProvider",
+    pb.EXECUTION_PROVIDER_CPU: onnx_runtime.CPU,
+    pb.EXECUTION_PROVIDER_CUDA: onnx_runtime.CUDA,
 }
 LIBRARIES: Final = ("onnxruntime-gpu", "onnx", "onnxscript", "torch", "numpy", "scikit-learn")
-_ORT_ERRORS_ONLY: Final = 3
-
-
-@functools.cache
-def gpu_present() -> bool:
-    """Whether a CUDA device can really be used here (not merely a CUDA build)."""
-    return bool(torch.cuda.is_available()) and torch.cuda.device_count() > 0
+gpu_present = onnx_runtime.gpu_present
 
 
 def resolve_provider(
@@ -60,15 +54,13 @@ def session(
 ) -> ort.InferenceSession:
     """An inference session for the serialized ONNX ``model`` on exactly
     ``provider`` (no silent fallback to another one)."""
-    options = ort.SessionOptions()
-    options.log_severity_level = _ORT_ERRORS_ONLY
-    options.graph_optimization_level = optimization_level
-    if threads:
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-    if optimized_model_path:
-        options.optimized_model_filepath = optimized_model_path
-    return ort.InferenceSession(model, sess_options=options, providers=[PROVIDER_NAMES[provider]])
+    return onnx_runtime.create_session(
+        model,
+        PROVIDER_NAMES[provider],
+        threads=threads,
+        optimization_level=optimization_level,
+        optimized_model_path=optimized_model_path,
+    )
 
 
 def device_description(provider: pb.ExecutionProvider.ValueType) -> str:

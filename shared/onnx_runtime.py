@@ -1,0 +1,59 @@
+"""ONNX Runtime sessions on an execution provider that really works here.
+
+``onnxruntime-gpu`` lists the CUDA (and TensorRT) providers whether or not a
+GPU is present, and a session asked for CUDA on a machine without one logs
+errors at every creation (``../shared/TRAPS.md``). :func:`gpu_present` asks the
+CUDA driver itself (``libcuda``, through ``ctypes``: no PyTorch needed) whether
+a device exists; :func:`create_session` pins a session to exactly one provider,
+with no silent fallback, so what a caller reports is what ran.
+
+Imported by the services that run models (the optimizer, inference); never by
+the light client.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+from typing import Final
+
+import onnxruntime as ort
+
+CPU: Final = "CPUExecutionProvider"
+CUDA: Final = "CUDAExecutionProvider"
+_ERRORS_ONLY: Final = 3
+_CUDA_SUCCESS: Final = 0
+
+
+@functools.cache
+def gpu_present() -> bool:
+    """Whether the CUDA driver is installed and sees at least one device."""
+    try:
+        driver = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return False
+    count = ctypes.c_int(0)
+    if driver.cuInit(0) != _CUDA_SUCCESS:
+        return False
+    return bool(driver.cuDeviceGetCount(ctypes.byref(count)) == _CUDA_SUCCESS and count.value > 0)
+
+
+def create_session(
+    model: bytes,
+    provider: str,
+    *,
+    threads: int = 0,
+    optimization_level: ort.GraphOptimizationLevel = ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    optimized_model_path: str = "",
+) -> ort.InferenceSession:
+    """An inference session for the serialized ONNX ``model`` on ``provider``
+    only; ``threads`` intra-op threads (0: ONNX Runtime's default)."""
+    options = ort.SessionOptions()
+    options.log_severity_level = _ERRORS_ONLY
+    options.graph_optimization_level = optimization_level
+    if threads:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    if optimized_model_path:
+        options.optimized_model_filepath = optimized_model_path
+    return ort.InferenceSession(model, sess_options=options, providers=[provider])
