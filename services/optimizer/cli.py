@@ -43,6 +43,7 @@ from conveyor.services.optimizer import cli_output as opt_out
 from conveyor.services.optimizer.cli_hints import hint
 from conveyor.services.optimizer.cli_output import TERMINAL, OptimizationView, job_id, job_name
 from conveyor.services.registry import cli_output as out
+from conveyor.services.registry.cli import pages_up_to
 from conveyor.services.trainer.cli import (
     EXIT_INTERRUPTED,
     LIST_PAGE_SIZE,
@@ -454,19 +455,15 @@ async def optimizations_watch(session: Session, args: argparse.Namespace) -> int
 async def optimizations_list(session: Session, args: argparse.Namespace) -> int:
     """``conveyor optimizations list``: jobs newest first, by state if asked."""
     restriction = f"state = {args.state.upper()}" if args.state else ""
-    jobs: list[pb.OptimizationJob] = []
-    token = ""
-    while len(jobs) < args.limit:
+
+    async def page(token: str, size: int) -> tuple[list[pb.OptimizationJob], str]:
         request = rpc.ListOptimizationJobsRequest(
-            page_size=min(LIST_PAGE_SIZE, args.limit - len(jobs)),
-            page_token=token,
-            filter=restriction,
+            page_size=size, page_token=token, filter=restriction
         )
         reply = await session.optimizer.ListOptimizationJobs(request, timeout=session.timeout)
-        jobs.extend(reply.optimization_jobs)
-        token = reply.next_page_token
-        if not token:
-            break
+        return list(reply.optimization_jobs), reply.next_page_token
+
+    jobs, more = await pages_up_to(page, args.limit, LIST_PAGE_SIZE)
     if args.json:
         out.print_json({"optimization_jobs": [out.message_dict(job) for job in jobs]})
     elif jobs:
@@ -474,7 +471,7 @@ async def optimizations_list(session: Session, args: argparse.Namespace) -> int:
             ("job", "state", "source", "techniques", "created"),
             [opt_out.job_row(job) for job in jobs],
         )
-        if token:
+        if more:
             print(f"(more: raise --limit above {args.limit})", file=sys.stderr)
     else:
         print("no optimisation jobs" + (" match" if restriction else ""), file=sys.stderr)

@@ -70,15 +70,21 @@ def device_description(provider: pb.ExecutionProvider.ValueType) -> str:
     return f"{_cpu_name()}, {os.cpu_count() or 1} cores"
 
 
-def library_versions() -> dict[str, str]:
-    """The versions of the libraries that produce and measure results."""
-    versions = {}
+@functools.cache
+def _installed_versions() -> tuple[tuple[str, str], ...]:
+    found = []
     for name in LIBRARIES:
         try:
-            versions[name] = importlib.metadata.version(name)
+            found.append((name, importlib.metadata.version(name)))
         except importlib.metadata.PackageNotFoundError:
             continue
-    return versions
+    return tuple(found)
+
+
+def library_versions() -> dict[str, str]:
+    """The versions of the libraries that produce and measure results (read
+    from the installed metadata once per process)."""
+    return dict(_installed_versions())
 
 
 @functools.cache

@@ -243,11 +243,7 @@ class OptimizerServicer(optimizer_service_pb2_grpc.OptimizerServiceServicer):
             offset=cursor.offset,
             limit=size,
         )
-        token = ""
-        if page.has_more:
-            token = pagination.encode_page_token(
-                pagination.PageCursor(cursor.offset + size), fingerprint
-            )
+        token = pagination.next_page_token(page.has_more, cursor, size, fingerprint)
         return rpc.ListOptimizationJobsResponse(
             optimization_jobs=[self._manager.overlay(job) for job in page.items],
             next_page_token=token,

@@ -259,6 +259,21 @@ async def every_page(fetch: Callable[[str], Awaitable[tuple[list[T], str]]]) -> 
             return items
 
 
+async def pages_up_to(
+    fetch: Callable[[str, int], Awaitable[tuple[list[T], str]]], limit: int, page_size: int
+) -> tuple[list[T], bool]:
+    """At most ``limit`` items of a List method (``fetch(token, size)``), page
+    after page; and whether more were left."""
+    items: list[T] = []
+    token = ""
+    while len(items) < limit:
+        page, token = await fetch(token, min(page_size, limit - len(items)))
+        items.extend(page)
+        if not token:
+            return items, False
+    return items, True
+
+
 # -- backup and restore ------------------------------------------------------
 
 

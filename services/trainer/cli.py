@@ -40,6 +40,7 @@ import grpc
 import pydantic
 
 from conveyor.services.registry import cli_output as out
+from conveyor.services.registry.cli import pages_up_to
 from conveyor.services.trainer import cli_output as job_out
 from conveyor.services.trainer.cli_output import TERMINAL, ProgressView, job_id, sweep_id
 from conveyor.shared.errors import ConveyorError, InvalidArgumentError, from_rpc_error
@@ -666,19 +667,15 @@ async def jobs_list(session: Session, args: argparse.Namespace) -> int:
     restrictions = [f"state={args.state.upper()}"] if args.state else []
     if args.filter:
         restrictions.append(args.filter)
-    jobs: list[pb.TrainingJob] = []
-    token = ""
-    while len(jobs) < args.limit:
+
+    async def page(token: str, size: int) -> tuple[list[pb.TrainingJob], str]:
         request = rpc.ListTrainingJobsRequest(
-            page_size=min(LIST_PAGE_SIZE, args.limit - len(jobs)),
-            page_token=token,
-            filter=" AND ".join(restrictions),
+            page_size=size, page_token=token, filter=" AND ".join(restrictions)
         )
         reply = await session.trainer.ListTrainingJobs(request, timeout=session.timeout)
-        jobs.extend(reply.training_jobs)
-        token = reply.next_page_token
-        if not token:
-            break
+        return list(reply.training_jobs), reply.next_page_token
+
+    jobs, more = await pages_up_to(page, args.limit, LIST_PAGE_SIZE)
     if args.json:
         out.print_json({"training_jobs": [out.message_dict(job) for job in jobs]})
     elif jobs:
@@ -686,7 +683,7 @@ async def jobs_list(session: Session, args: argparse.Namespace) -> int:
             ("job", "state", "dataset", "arch", "epoch", "metrics", "created"),
             [job_out.job_row(job) for job in jobs],
         )
-        if token:
+        if more:
             print(f"(more: raise --limit above {args.limit})", file=sys.stderr)
     else:
         print("no training jobs" + (" match" if restrictions else ""), file=sys.stderr)

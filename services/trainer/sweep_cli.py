@@ -52,6 +52,7 @@ import grpc
 from google.protobuf import json_format
 
 from conveyor.services.registry import cli_output as out
+from conveyor.services.registry.cli import pages_up_to
 from conveyor.services.trainer import cli, cli_output
 from conveyor.services.trainer import sweep_output as sweep_out
 from conveyor.services.trainer.cli import (
@@ -398,19 +399,15 @@ async def sweeps_list(session: Session, args: argparse.Namespace) -> int:
     restrictions = [f"state={args.state.upper()}"] if args.state else []
     if args.filter:
         restrictions.append(args.filter)
-    sweeps: list[pb.SweepJob] = []
-    token = ""
-    while len(sweeps) < args.limit:
+
+    async def page(token: str, size: int) -> tuple[list[pb.SweepJob], str]:
         request = rpc.ListSweepJobsRequest(
-            page_size=min(LIST_PAGE_SIZE, args.limit - len(sweeps)),
-            page_token=token,
-            filter=" AND ".join(restrictions),
+            page_size=size, page_token=token, filter=" AND ".join(restrictions)
         )
         reply = await session.trainer.ListSweepJobs(request, timeout=session.timeout)
-        sweeps.extend(reply.sweep_jobs)
-        token = reply.next_page_token
-        if not token:
-            break
+        return list(reply.sweep_jobs), reply.next_page_token
+
+    sweeps, more = await pages_up_to(page, args.limit, LIST_PAGE_SIZE)
     if args.json:
         out.print_json({"sweep_jobs": [out.message_dict(sweep) for sweep in sweeps]})
     elif sweeps:
@@ -418,7 +415,7 @@ async def sweeps_list(session: Session, args: argparse.Namespace) -> int:
             ("sweep", "state", "trials", "best", "best trial", "model version", "created"),
             [sweep_out.sweep_row(sweep) for sweep in sweeps],
         )
-        if token:
+        if more:
             print(f"(more: raise --limit above {args.limit})", file=sys.stderr)
     else:
         print("no sweeps" + (" match" if restrictions else ""), file=sys.stderr)
