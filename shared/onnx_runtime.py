@@ -43,17 +43,29 @@ def create_session(
     provider: str,
     *,
     threads: int = 0,
+    inter_op_threads: int = 0,
     optimization_level: ort.GraphOptimizationLevel = ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
     optimized_model_path: str = "",
+    gpu_device_id: int = 0,
 ) -> ort.InferenceSession:
     """An inference session for the serialized ONNX ``model`` on ``provider``
-    only; ``threads`` intra-op threads (0: ONNX Runtime's default)."""
+    only; ``threads`` intra-op threads (0: ONNX Runtime's default),
+    ``inter_op_threads`` across operators (0: 1, operators run in order)."""
     options = ort.SessionOptions()
     options.log_severity_level = _ERRORS_ONLY
     options.graph_optimization_level = optimization_level
+    # The CPU arena keeps freed blocks for the next run of the same shapes.
+    options.enable_cpu_mem_arena = True
     if threads:
         options.intra_op_num_threads = threads
+    if inter_op_threads > 1:
+        options.execution_mode = ort.ExecutionMode.ORT_PARALLEL
+        options.inter_op_num_threads = inter_op_threads
+    else:
         options.inter_op_num_threads = 1
     if optimized_model_path:
         options.optimized_model_filepath = optimized_model_path
-    return ort.InferenceSession(model, sess_options=options, providers=[provider])
+    providers: list[str | tuple[str, dict[str, str]]] = [provider]
+    if provider == CUDA:
+        providers = [(CUDA, {"device_id": str(gpu_device_id)})]
+    return ort.InferenceSession(model, sess_options=options, providers=providers)

@@ -102,12 +102,15 @@ async def create_server(
     *,
     interceptors: Sequence[grpc.aio.ServerInterceptor[Any, Any]] = (),
     tracer_provider: TracerProvider | None = None,
+    reuse_port: bool = False,
 ) -> ConveyorServer:
     """Create, bind and start a server hosting ``services``.
 
     ``interceptors`` run inside error mapping, so an authentication interceptor
     can raise :class:`~conveyor.shared.errors.UnauthenticatedError` from its
     handler and get a proper status. ``tracer_provider`` defaults to the global one.
+    ``reuse_port`` lets several processes of one service share the port
+    (``SO_REUSEPORT``); otherwise a port in use is an error.
     """
     server = grpc.aio.server(
         interceptors=[
@@ -123,8 +126,8 @@ async def create_server(
         options=[
             ("grpc.max_receive_message_length", settings.max_receive_message_bytes),
             ("grpc.max_send_message_length", settings.max_send_message_bytes),
-            # Two servers must never share a port silently.
-            ("grpc.so_reuseport", 0),
+            # Two servers must never share a port silently, unless asked to.
+            ("grpc.so_reuseport", 1 if reuse_port else 0),
         ],
     )
     for service in services:

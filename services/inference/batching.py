@@ -62,6 +62,19 @@ class BatchStatistics:
     failed: int = 0
     batch_sizes: dict[int, int] = field(default_factory=dict)
     """How many batches had each number of rows."""
+    batch_compute_ns: dict[int, int] = field(default_factory=dict)
+    """How long the batches of each number of rows computed, summed."""
+
+
+@dataclass(frozen=True)
+class BatchTiming:
+    """When one request queued, and when the batch that computed it ran
+    (on the batcher's clock), and that batch's rows."""
+
+    arrived: float
+    started: float
+    finished: float
+    batch_rows: int
 
 
 @dataclass(eq=False)
@@ -71,7 +84,7 @@ class _Pending:
     key: tuple[Any, ...]
     deadline: float | None
     arrived: float
-    answer: asyncio.Future[dict[str, npt.NDArray[Any]]]
+    answer: asyncio.Future[tuple[dict[str, npt.NDArray[Any]], BatchTiming]]
 
 
 class DynamicBatcher:
@@ -84,10 +97,13 @@ class DynamicBatcher:
         max_batch_size: int,
         max_queue_delay: timedelta,
         max_queue_size: int,
+        max_concurrent_batches: int = 1,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        if max_batch_size < 1 or max_queue_size < 1:
-            raise ValueError("max_batch_size and max_queue_size are at least 1")
+        if min(max_batch_size, max_queue_size, max_concurrent_batches) < 1:
+            raise ValueError(
+                "max_batch_size, max_queue_size and max_concurrent_batches are at least 1"
+            )
         self._compute = compute
         self.max_batch_size = max_batch_size
         self._delay_s = max_queue_delay.total_seconds()
@@ -97,6 +113,10 @@ class DynamicBatcher:
         self._wake = asyncio.Event()
         self._closed = False
         self._runner: asyncio.Task[None] | None = None
+        # One computation per model instance at a time; while they all run,
+        # requests keep queueing and the next batch is fuller.
+        self._slots = asyncio.Semaphore(max_concurrent_batches)
+        self._executions: set[asyncio.Task[None]] = set()
         self.statistics = BatchStatistics()
 
     @property
@@ -107,6 +127,13 @@ class DynamicBatcher:
         """``compute``'s outputs for ``inputs`` (each array's first dimension is
         the batch), computed in some batch; ``deadline`` is on the batcher's
         clock."""
+        outputs, _ = await self.infer_timed(inputs, deadline=deadline)
+        return outputs
+
+    async def infer_timed(
+        self, inputs: Arrays, *, deadline: float | None = None
+    ) -> tuple[dict[str, Any], BatchTiming]:
+        """As :meth:`infer`, with when the request waited and computed."""
         if self._closed:
             raise UnavailableError("the model is being unloaded", reason="MODEL_UNLOADING")
         rows = _rows(inputs)
@@ -160,6 +187,9 @@ class DynamicBatcher:
             self._runner.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._runner
+        # Batches already computing finish: their callers get their answers.
+        if self._executions:
+            await asyncio.wait(set(self._executions))
 
     # -- scheduling -----------------------------------------------------------------
 
@@ -173,9 +203,18 @@ class DynamicBatcher:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
+            await self._slots.acquire()
             batch = await self._gather()
-            if batch:
-                await self._execute(batch)
+            if not batch:
+                self._slots.release()
+                continue
+            execution = asyncio.create_task(self._execute(batch))
+            self._executions.add(execution)
+            execution.add_done_callback(self._finished)
+
+    def _finished(self, execution: asyncio.Task[None]) -> None:
+        self._executions.discard(execution)
+        self._slots.release()
 
     async def _gather(self) -> list[_Pending]:
         """The next batch: the oldest live request and the compatible ones after
@@ -239,6 +278,9 @@ class DynamicBatcher:
         stats.requests += len(batch)
         stats.rows += rows
         stats.batch_sizes[rows] = stats.batch_sizes.get(rows, 0) + 1
+        stats.batch_compute_ns[rows] = stats.batch_compute_ns.get(rows, 0) + int(
+            (finished - started) * 1e9
+        )
         offset = 0
         for pending in batch:
             stats.queue_ns += int((started - pending.arrived) * 1e9)
@@ -246,7 +288,9 @@ class DynamicBatcher:
             part = {name: array[offset : offset + pending.rows] for name, array in outputs.items()}
             offset += pending.rows
             if not pending.answer.done():
-                pending.answer.set_result(part)
+                pending.answer.set_result(
+                    (part, BatchTiming(pending.arrived, started, finished, rows))
+                )
 
 
 def _rows(inputs: Arrays) -> int:

@@ -60,6 +60,9 @@ class ServedModel:
         provider: str,
         signature: registry_pb.ModelSignature | None = None,
         threads: int = 0,
+        inter_op_threads: int = 0,
+        optimization_level: ort.GraphOptimizationLevel = ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+        gpu_device_id: int = 0,
         warmup_runs: int = DEFAULT_WARMUP_RUNS,
     ) -> ServedModel:
         """Open ``model`` on ``provider`` (CUDA only where a GPU is present:
@@ -70,7 +73,14 @@ class ServedModel:
                 reason="NO_GPU",
             )
         try:
-            session = onnx_runtime.create_session(model, provider, threads=threads)
+            session = onnx_runtime.create_session(
+                model,
+                provider,
+                threads=threads,
+                inter_op_threads=inter_op_threads,
+                optimization_level=optimization_level,
+                gpu_device_id=gpu_device_id,
+            )
         except Exception as error:  # ONNX Runtime's errors share no base class
             raise FailedPreconditionError(
                 f"the model could not be loaded: {str(error)[:300]}", reason="MODEL_UNLOADABLE"

@@ -171,6 +171,26 @@ def check_signature(
     raise_if_any(violations, "the inputs do not fit the model")
 
 
+def check_finite(arrays: Mapping[str, npt.NDArray[Any]]) -> None:
+    """INVALID_ARGUMENT naming each floating-point input that holds NaN or an
+    infinity (and where the first one is): the models served take neither."""
+    violations = []
+    for name, array in arrays.items():
+        if array.dtype.kind != "f" or array.size == 0:
+            continue
+        bad = ~np.isfinite(array)
+        if bad.any():
+            where = [int(i) for i in np.argwhere(bad)[0]]
+            violations.append(
+                FieldViolation(
+                    "inputs",
+                    f"{name}: {int(bad.sum())} NaN or infinite values (first at index {where}); "
+                    "the model takes finite numbers only",
+                )
+            )
+    raise_if_any(violations, "the inputs hold values the model forbids")
+
+
 def shape_fits(shape: Sequence[int], allowed: Sequence[int]) -> bool:
     """Whether ``shape`` matches ``allowed``, where -1 matches any size."""
     return len(shape) == len(allowed) and all(
