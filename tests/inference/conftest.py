@@ -60,6 +60,40 @@ def linear_classifier(w: npt.NDArray[np.float32], *, batch: str | int = "batch")
     return model.SerializeToString()
 
 
+def slow_classifier(width: int = 1024, rows: int = 64, depth: int = 32) -> bytes:
+    """A classifier that takes tens of milliseconds a request: each row is
+    spread into a ``rows`` x ``width`` matrix multiplied ``depth`` times by one
+    identity matrix (so the values stay as they are), then averaged back."""
+    nodes = [
+        helper.make_node("MatMul", ["input", "up"], ["spread"]),
+        helper.make_node("Unsqueeze", ["spread", "axis1"], ["row"]),
+        helper.make_node("Expand", ["row", "block"], ["h0"]),
+    ]
+    for index in range(depth):
+        nodes.append(helper.make_node("MatMul", [f"h{index}", "square"], [f"h{index + 1}"]))
+    nodes += [
+        helper.make_node("ReduceMean", [f"h{depth}", "axis1"], ["mean"], keepdims=0),
+        helper.make_node("MatMul", ["mean", "down"], ["logits"]),
+        helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1),
+    ]
+    rng = np.random.default_rng(0)
+    graph = helper.make_graph(
+        nodes,
+        "slow",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", FEATURES])],
+        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", CLASSES])],
+        initializer=[
+            numpy_helper.from_array(rng.normal(size=(FEATURES, width)).astype(np.float32), "up"),
+            numpy_helper.from_array(np.array([1], dtype=np.int64), "axis1"),
+            numpy_helper.from_array(np.array([1, rows, width], dtype=np.int64), "block"),
+            numpy_helper.from_array(np.eye(width, dtype=np.float32), "square"),
+            numpy_helper.from_array(rng.normal(size=(width, CLASSES)).astype(np.float32), "down"),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
+    return model.SerializeToString()
+
+
 def expected(x: npt.NDArray[np.float32], w: npt.NDArray[np.float32]) -> npt.NDArray[np.float64]:
     logits = x.astype(np.float64) @ w
     exp = np.exp(logits - logits.max(axis=1, keepdims=True))
