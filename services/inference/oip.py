@@ -38,6 +38,7 @@ from conveyor.services.inference.prediction_log import PredictionLog, records_fo
 from conveyor.services.inference.repository import ModelRepository
 from conveyor.services.inference.tensors import (
     TensorSpec,
+    as_text,
     check_finite,
     check_signature,
     decode_inputs,
@@ -337,6 +338,7 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
             inputs = decode_inputs(request)
             check_signature(inputs, {t.name: t.datatype for t in request.inputs}, version.inputs)
             check_finite(inputs)
+            as_text(inputs)
             wanted = _requested_outputs(request, version)
             deadline = _deadline(request, time_remaining)
             decoded_ns = time.perf_counter_ns()

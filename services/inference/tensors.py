@@ -191,6 +191,28 @@ def check_finite(arrays: Mapping[str, npt.NDArray[Any]]) -> None:
     raise_if_any(violations, "the inputs hold values the model forbids")
 
 
+def as_text(arrays: dict[str, npt.NDArray[Any]]) -> None:
+    """Turn BYTES inputs into the ``str`` arrays ONNX Runtime's string tensors
+    take (in place); INVALID_ARGUMENT naming an input that is not UTF-8."""
+    violations = []
+    for name, array in arrays.items():
+        if array.dtype != np.object_:
+            continue
+        try:
+            arrays[name] = np.vectorize(_utf8, otypes=[np.object_])(array)
+        except UnicodeDecodeError as error:
+            violations.append(
+                FieldViolation(
+                    "inputs", f"{name}: the model's string tensors take UTF-8 text ({error.reason})"
+                )
+            )
+    raise_if_any(violations, "the inputs hold bytes the model cannot take")
+
+
+def _utf8(value: Any) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
 def shape_fits(shape: Sequence[int], allowed: Sequence[int]) -> bool:
     """Whether ``shape`` matches ``allowed``, where -1 matches any size."""
     return len(shape) == len(allowed) and all(

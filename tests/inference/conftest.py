@@ -168,7 +168,8 @@ class Suite:
         payload = (
             data if data is not None else linear_classifier(w if w is not None else weights(0))
         )
-        version = a_version(signature=signature(), **fields)
+        fields.setdefault("signature", signature())
+        version = a_version(**fields)
         reply = await self.registry.CreateModelVersion(
             upload_requests(f"models/{model_id}", payload, version=version), timeout=60
         )
