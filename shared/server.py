@@ -58,6 +58,7 @@ class ConveyorServer:
     on_shutdown: list[Callable[[], object]] = field(default_factory=list)
     """Run after the server has stopped (close databases)."""
     _stopping: asyncio.Event = field(default_factory=asyncio.Event)
+    _stopped: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def set_serving(self, service_name: str, serving: bool) -> None:
         """Report ``service_name`` SERVING or NOT_SERVING (a dependency went down)."""
@@ -80,7 +81,10 @@ class ConveyorServer:
             await asyncio.sleep(self.shutdown_delay.total_seconds())
         await _run_all(self.before_stop)
         await self.server.stop(self.shutdown_grace.total_seconds())
-        await _run_all(self.on_shutdown)
+        try:
+            await _run_all(self.on_shutdown)
+        finally:
+            self._stopped.set()
         logger.info("stopped")
 
     async def serve_until_signal(self) -> None:
@@ -91,6 +95,10 @@ class ConveyorServer:
             loop.add_signal_handler(signum, lambda: asyncio.ensure_future(self.shutdown()))
         try:
             await self.server.wait_for_termination()
+            if self._stopping.is_set():
+                # The server stops before its on_shutdown work (children,
+                # databases) is done: returning now would cancel that work.
+                await self._stopped.wait()
         finally:
             for signum in signals:
                 loop.remove_signal_handler(signum)

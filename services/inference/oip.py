@@ -328,7 +328,11 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
             runtime = await self._repository.ensure(
                 _model_id(model_id, field="model_name"), created_by=principal
             )
-            await runtime.first_load.wait()
+        if not runtime.first_load.is_set():
+            # A deployment's first load: wait for it (within the call's deadline)
+            # rather than refuse a request that is only early.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(runtime.first_load.wait(), time_remaining)
         route = runtime.route
         if request.model_version:
             version = await runtime.version(_version_number(request.model_version))

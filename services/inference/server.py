@@ -226,7 +226,7 @@ class ProcessSupervisor:
         self._port = port
         self._processes: dict[int, asyncio.subprocess.Process] = {}
         self._tasks: list[asyncio.Task[None]] = []
-        self._stopping = False
+        self._stopping = asyncio.Event()
         self.restarts = 0
 
     async def start(self) -> None:
@@ -234,14 +234,16 @@ class ProcessSupervisor:
             self._tasks.append(asyncio.ensure_future(self._keep_running(index)))
 
     async def stop(self) -> None:
-        self._stopping = True
+        """SIGTERM every process (each drains within its grace), wait for them;
+        whatever is still running after the grace and a margin is killed."""
+        self._stopping.set()
         for process in self._processes.values():
             if process.returncode is None:
                 process.send_signal(signal.SIGTERM)
         grace = self._settings.shutdown_grace.total_seconds() + 5
-        for process in list(self._processes.values()):
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(process.wait(), grace)
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=grace)
+        for process in self._processes.values():
             if process.returncode is None:
                 process.kill()
                 await process.wait()
@@ -250,19 +252,24 @@ class ProcessSupervisor:
 
     async def _keep_running(self, index: int) -> None:
         failures = 0
-        while not self._stopping:
+        while not self._stopping.is_set():
             process = await self._spawn(index)
             self._processes[index] = process
+            if self._stopping.is_set():
+                # Stopped while this one was starting: it ends with the rest.
+                process.send_signal(signal.SIGTERM)
             code = await process.wait()
             _forget_metrics_of(process.pid)
-            if self._stopping:
+            if self._stopping.is_set():
                 return
             logger.warning(
                 "serving process ended; starting it again",
                 extra={"index": index, "exit_code": code},
             )
             self.restarts += 1
-            await asyncio.sleep(RESTART_BACKOFF_S[min(failures, len(RESTART_BACKOFF_S) - 1)])
+            backoff = RESTART_BACKOFF_S[min(failures, len(RESTART_BACKOFF_S) - 1)]
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), backoff)
             failures += 1
 
     async def _spawn(self, index: int) -> asyncio.subprocess.Process:
