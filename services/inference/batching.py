@@ -98,13 +98,17 @@ class DynamicBatcher:
         max_queue_delay: timedelta,
         max_queue_size: int,
         max_concurrent_batches: int = 1,
+        on_batch: Callable[[int, list[float], float], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        """``on_batch`` is told of each computed batch: its rows, how long each
+        of its requests waited, and how long it computed (seconds)."""
         if min(max_batch_size, max_queue_size, max_concurrent_batches) < 1:
             raise ValueError(
                 "max_batch_size, max_queue_size and max_concurrent_batches are at least 1"
             )
         self._compute = compute
+        self._on_batch = on_batch
         self.max_batch_size = max_batch_size
         self._delay_s = max_queue_delay.total_seconds()
         self.max_queue_size = max_queue_size
@@ -281,6 +285,8 @@ class DynamicBatcher:
         stats.batch_compute_ns[rows] = stats.batch_compute_ns.get(rows, 0) + int(
             (finished - started) * 1e9
         )
+        if self._on_batch is not None:
+            self._on_batch(rows, [started - p.arrived for p in batch], finished - started)
         offset = 0
         for pending in batch:
             stats.queue_ns += int((started - pending.arrived) * 1e9)

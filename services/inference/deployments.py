@@ -23,7 +23,7 @@ import hashlib
 import logging
 import random
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Final
@@ -43,7 +43,13 @@ from conveyor.services.inference.deployment_config import (
 )
 from conveyor.services.inference.registry_source import RegistrySource
 from conveyor.services.inference.settings import InferenceSettings
-from conveyor.services.inference.versions import LoadedVersion, ServingOptions, load_version
+from conveyor.services.inference.versions import (
+    LoadedVersion,
+    NO_OBSERVERS,
+    Observers,
+    ServingOptions,
+    load_version,
+)
 from conveyor.shared.errors import (
     ConveyorError,
     FailedPreconditionError,
@@ -55,9 +61,6 @@ from conveyor.shared.names import parse_model_version_ref
 logger = logging.getLogger(__name__)
 
 Arrays = dict[str, npt.NDArray[Any]]
-ShadowListener = Callable[[LoadedVersion, Arrays, Arrays, str, bool], None]
-"""Called with each shadow answer: its version, inputs, outputs, request id,
-and whether it agreed with the served answer."""
 _PERCENT: Final = 100
 
 
@@ -176,7 +179,7 @@ class DeploymentRuntime:
         *,
         source: RegistrySource,
         settings: InferenceSettings,
-        shadow_listener: ShadowListener | None = None,
+        observers: Observers = NO_OBSERVERS,
     ) -> None:
         self.config = config
         self.model_id = config.model.removeprefix("models/")
@@ -198,7 +201,7 @@ class DeploymentRuntime:
         self._lock = asyncio.Lock()
         self._on_demand_loads: dict[str, asyncio.Task[LoadedVersion]] = {}
         self._shadow_queue: asyncio.Queue[_ShadowCopy] = asyncio.Queue(settings.shadow_queue_size)
-        self._shadow_listener = shadow_listener
+        self._observers = observers
         self._background: set[asyncio.Task[None]] = set()
         self._shadow_worker: asyncio.Task[None] | None = None
         self.closed = False
@@ -285,6 +288,7 @@ class DeploymentRuntime:
                     target=ref,
                     role=wanted[ref],
                     options=options,
+                    observers=self._observers,
                 )
                 for ref, version in to_load.values()
             )
@@ -434,6 +438,7 @@ class DeploymentRuntime:
             target="",
             role=pb.VERSION_ROLE_ON_DEMAND,
             options=options,
+            observers=self._observers,
         )
         if not version.ready:
             raise FailedPreconditionError(
@@ -493,8 +498,8 @@ class DeploymentRuntime:
                     "shadow disagreed",
                     extra={"model_version": shadow.name, "request_id": copy.request_id},
                 )
-            if self._shadow_listener is not None:
-                self._shadow_listener(shadow, copy.inputs, answer, copy.request_id, agreed)
+            if self._observers.on_shadow is not None:
+                self._observers.on_shadow(shadow, copy.inputs, answer, copy.request_id, agreed)
 
     # -- status -----------------------------------------------------------------------
 

@@ -397,13 +397,6 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         latency_s = (finished_ns - served.received_ns) / 1e9
         timing = served.timing
         self._metrics.observe_request(model_id, version.number, "OK", latency_s)
-        self._metrics.observe_batch(
-            model_id,
-            version.number,
-            timing.batch_rows,
-            timing.started - timing.arrived,
-            timing.finished - timing.started,
-        )
         _spans(version, timing)
         route = served.route
         if (

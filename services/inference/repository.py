@@ -25,10 +25,11 @@ from conveyor.inference.v1 import resources_pb2 as pb
 from conveyor.registry.v1 import registry_messages_pb2 as registry_rpc
 from conveyor.registry.v1 import resources_pb2 as registry_pb
 from conveyor.services.inference.deployment_config import check_deployment
-from conveyor.services.inference.deployments import DeploymentRuntime, ShadowListener
+from conveyor.services.inference.deployments import DeploymentRuntime
 from conveyor.services.inference.registry_source import RegistrySource
 from conveyor.services.inference.settings import InferenceSettings
 from conveyor.services.inference.store import DeploymentStore, deployment_name
+from conveyor.services.inference.versions import NO_OBSERVERS, Observers
 from conveyor.shared.errors import ConveyorError, NotFoundError
 from conveyor.shared.names import check_id
 from conveyor.shared.workers import WorkerThreads
@@ -50,13 +51,13 @@ class ModelRepository:
         source: RegistrySource,
         *,
         workers: WorkerThreads,
-        shadow_listener: ShadowListener | None = None,
+        observers: Observers = NO_OBSERVERS,
     ) -> None:
         self._settings = settings
         self._store = store
         self._source = source
         self._workers = workers
-        self._shadow_listener = shadow_listener
+        self._observers = observers
         self.runtimes: dict[str, DeploymentRuntime] = {}
         """By model id (the Open Inference Protocol's model name)."""
         self._etags: dict[str, str] = {}
@@ -125,7 +126,7 @@ class ModelRepository:
                 deployment,
                 source=self._source,
                 settings=self._settings,
-                shadow_listener=self._shadow_listener,
+                observers=self._observers,
             )
             self.runtimes[model_id] = runtime
         work = asyncio.ensure_future(runtime.apply(deployment))

@@ -18,6 +18,7 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Callable
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from importlib import metadata
@@ -30,7 +31,6 @@ from conveyor.inference.v1 import resources_pb2 as pb
 from conveyor.monitor.v1 import monitor_service_pb2
 from conveyor.oip.v2 import grpc_service_pb2, grpc_service_pb2_grpc
 from conveyor.registry.v1 import registry_service_pb2
-from conveyor.services.inference.deployments import ShadowListener
 from conveyor.services.inference.management import ManagementServicer
 from conveyor.services.inference.metrics import (
     InferenceMetrics,
@@ -50,7 +50,7 @@ from conveyor.services.inference.registry_source import RegistrySource
 from conveyor.services.inference.repository import ModelRepository
 from conveyor.services.inference.settings import InferenceSettings
 from conveyor.services.inference.store import DeploymentStore
-from conveyor.services.inference.versions import LoadedVersion
+from conveyor.services.inference.versions import LoadedVersion, Observers, ShadowListener
 from conveyor.shared.artifacts import ArtifactCache
 from conveyor.shared.auth.credentials import server_auth_interceptors, service_channel
 from conveyor.shared.auth.interceptor import AuthInterceptor, ResourceResolver, default_resource
@@ -148,7 +148,9 @@ async def build_server(
         store,
         source,
         workers=workers,
-        shadow_listener=_shadow_listener(metrics, prediction_log),
+        observers=Observers(
+            on_batch=_batch_observer(metrics), on_shadow=_shadow_listener(metrics, prediction_log)
+        ),
     )
     stopping = asyncio.Event()
     oip_servicer = InferenceServicer(
@@ -343,6 +345,15 @@ def _count_log_outcomes(metrics: InferenceMetrics) -> Any:
                 metrics.count_prediction_log_sent(model, count)
             else:
                 metrics.count_prediction_log_dropped(model, outcome.value, count)
+
+    return observe
+
+
+def _batch_observer(
+    metrics: InferenceMetrics,
+) -> Callable[[LoadedVersion, int, list[float], float], None]:
+    def observe(version: LoadedVersion, rows: int, waits: list[float], compute_s: float) -> None:
+        metrics.observe_batch(version.name.split("/")[1], version.number, rows, waits, compute_s)
 
     return observe
 

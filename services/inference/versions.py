@@ -55,8 +55,24 @@ INLINE_COMPUTE_S: Final = 0.0002
 event loop: handing it to a thread and back costs more than the compute."""
 
 Arrays = dict[str, npt.NDArray[Any]]
+BatchObserver = Callable[["LoadedVersion", int, list[float], float], None]
+"""Told of each batch a version computed: rows, each request's wait, compute seconds."""
+ShadowListener = Callable[["LoadedVersion", Arrays, Arrays, str, bool], None]
+"""Told of each shadow answer: its version, inputs, outputs, request id, and
+whether it agreed with the served answer."""
 ArtifactFetcher = Callable[[str], Awaitable[Path]]
 """The local path of a version's verified artifact, by resolved version name."""
+
+
+@dataclass(frozen=True)
+class Observers:
+    """Who hears about the work versions do (metrics, the prediction log)."""
+
+    on_batch: BatchObserver | None = None
+    on_shadow: ShadowListener | None = None
+
+
+NO_OBSERVERS: Final = Observers()
 
 
 @dataclass(frozen=True)
@@ -201,6 +217,7 @@ async def load_version(
     target: str,
     role: pb.VersionRole.ValueType,
     options: ServingOptions,
+    observers: Observers = NO_OBSERVERS,
 ) -> LoadedVersion:
     """``registered`` loaded and warmed; a failure is recorded in the returned
     version (state FAILED, ``error_message``) rather than raised, so the
@@ -247,6 +264,7 @@ async def load_version(
         max_queue_delay=options.max_queue_delay,
         max_queue_size=options.max_queue_size,
         max_concurrent_batches=len(version.instances),
+        on_batch=_observing(version, observers.on_batch),
     )
     version.state = pb.VERSION_STATE_READY
     version.ready_time = datetime.now(UTC)
@@ -261,6 +279,14 @@ async def load_version(
         },
     )
     return version
+
+
+def _observing(
+    version: LoadedVersion, observer: BatchObserver | None
+) -> Callable[[int, list[float], float], None] | None:
+    if observer is None:
+        return None
+    return lambda rows, waits, compute_s: observer(version, rows, waits, compute_s)
 
 
 def check_servable(registered: registry_pb.ModelVersion) -> None:

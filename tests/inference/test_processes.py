@@ -24,7 +24,6 @@ from prometheus_client.parser import text_string_to_metric_families
 from conveyor.inference.v1 import inference_messages_pb2 as inference_rpc
 from conveyor.inference.v1 import inference_service_pb2_grpc
 from conveyor.inference.v1 import resources_pb2 as inference_pb
-from conveyor.oip.v2 import grpc_service_pb2 as oip
 from conveyor.oip.v2 import grpc_service_pb2_grpc
 from conveyor.registry.v1 import registry_service_pb2_grpc
 from conveyor.services.registry.server import build_server as build_registry
@@ -75,6 +74,12 @@ def listening_pids(port: int) -> set[int]:
     return holders
 
 
+def scrape(port: int) -> bytes:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics") as response:
+        body: bytes = response.read()
+    return body
+
+
 async def wait_for(condition: object, timeout_s: float = 60) -> None:
     give_up = time.monotonic() + timeout_s
     while not condition():  # type: ignore[operator]
@@ -118,7 +123,8 @@ async def test_serving_processes_share_the_port(tmp_path: Path, registry: Convey
         CONVEYOR_MONITOR_ADDR=f"127.0.0.1:{unused_port()}",
         CONVEYOR_LOG_LEVEL="WARNING",
     )
-    server = subprocess.Popen(
+    server = await asyncio.to_thread(
+        subprocess.Popen,
         [
             sys.executable, "-m", "conveyor.services.cli", "serve", "inference",
             "--listen", f"127.0.0.1:{port}", "--data-dir", str(tmp_path),
@@ -148,7 +154,7 @@ async def test_serving_processes_share_the_port(tmp_path: Path, registry: Convey
                 )
                 np.testing.assert_allclose(probabilities(response), expected(X, w), rtol=1e-5)
 
-        scraped = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics").read()
+        scraped = await asyncio.to_thread(scrape, metrics_port)
         served = sum(
             sample.value
             for family in text_string_to_metric_families(scraped.decode())
