@@ -44,8 +44,8 @@ from conveyor.services.inference.deployment_config import (
 from conveyor.services.inference.registry_source import RegistrySource
 from conveyor.services.inference.settings import InferenceSettings
 from conveyor.services.inference.versions import (
-    LoadedVersion,
     NO_OBSERVERS,
+    LoadedVersion,
     Observers,
     ServingOptions,
     load_version,
