@@ -47,15 +47,21 @@ def create_session(
     optimization_level: ort.GraphOptimizationLevel = ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
     optimized_model_path: str = "",
     gpu_device_id: int = 0,
+    spin: bool = True,
 ) -> ort.InferenceSession:
     """An inference session for the serialized ONNX ``model`` on ``provider``
     only; ``threads`` intra-op threads (0: ONNX Runtime's default),
-    ``inter_op_threads`` across operators (0: 1, operators run in order)."""
+    ``inter_op_threads`` across operators (0: 1, operators run in order).
+    Without ``spin`` the intra-op threads sleep between runs instead of
+    spinning, leaving the cores to a server's other threads."""
     options = ort.SessionOptions()
     options.log_severity_level = _ERRORS_ONLY
     options.graph_optimization_level = optimization_level
     # The CPU arena keeps freed blocks for the next run of the same shapes.
     options.enable_cpu_mem_arena = True
+    if not spin:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.add_session_config_entry("session.inter_op.allow_spinning", "0")
     if threads:
         options.intra_op_num_threads = threads
     if inter_op_threads > 1:

@@ -4,9 +4,9 @@ Each service writes ``async def build_server(settings) -> ConveyorServer`` that
 calls :func:`create_server` with its servicers; ``conveyor serve`` and the tests
 both use it. A server gets, always and in this order: gRPC health with a status
 per service, server reflection, deliberate message-size limits, the interceptor
-chain (OpenTelemetry, then error mapping, then any extra interceptors such as
-authentication), TLS or mTLS when certificates are configured, and a graceful
-drain on SIGTERM.
+chain (the serving interceptor — tracing, deadline, error mapping — then any
+extra interceptors such as authentication), TLS or mTLS when certificates are
+configured, and a graceful drain on SIGTERM.
 """
 
 from __future__ import annotations
@@ -23,10 +23,9 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]  # stubs predate aio
 from grpc_reflection.v1alpha import reflection
-from opentelemetry.instrumentation.grpc import aio_server_interceptor, filters
 from opentelemetry.sdk.trace import TracerProvider
 
-from conveyor.shared.interceptors import ErrorMappingInterceptor
+from conveyor.shared.interceptors import ServingInterceptor
 from conveyor.shared.settings import ServiceSettings
 
 logger = logging.getLogger(__name__)
@@ -122,13 +121,8 @@ async def create_server(
     """
     server = grpc.aio.server(
         interceptors=[
-            # Health checks are not traced: they are noise, and the instrumentation
-            # cannot wrap their write()-style streaming handler.
-            aio_server_interceptor(  # type: ignore[no-untyped-call]
-                tracer_provider=tracer_provider,
-                filter_=filters.negate(filters.service_name(health.SERVICE_NAME)),
-            ),
-            ErrorMappingInterceptor(),
+            # Health checks are not traced: they are noise.
+            ServingInterceptor(tracer_provider, untraced_services=[health.SERVICE_NAME]),
             *interceptors,
         ],
         options=[

@@ -119,7 +119,8 @@ class DynamicBatcher:
         self._runner: asyncio.Task[None] | None = None
         # One computation per model instance at a time; while they all run,
         # requests keep queueing and the next batch is fuller.
-        self._slots = asyncio.Semaphore(max_concurrent_batches)
+        self._max_running = max_concurrent_batches
+        self._running = 0
         self._executions: set[asyncio.Task[None]] = set()
         self.statistics = BatchStatistics()
 
@@ -168,6 +169,23 @@ class DynamicBatcher:
             arrived=now,
             answer=asyncio.get_running_loop().create_future(),
         )
+        if (
+            not self._queue
+            and self._running < self._max_running
+            and (self._delay_s <= 0 or rows >= self.max_batch_size)
+        ):
+            # Nothing waits and an instance is free: compute in this call. Going
+            # through the scheduler task would only add event-loop hops; requests
+            # that arrive meanwhile queue and leave as the next, fuller batch.
+            self._running += 1
+            try:
+                await self._execute([pending])
+            finally:
+                self._running -= 1
+                if self._queue:
+                    self._ensure_running()
+                    self._wake.set()
+            return pending.answer.result()
         self._queue.append(pending)
         self._ensure_running()
         self._wake.set()
@@ -203,22 +221,22 @@ class DynamicBatcher:
 
     async def _run(self) -> None:
         while not self._closed:
-            if not self._queue:
+            if not self._queue or self._running >= self._max_running:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            await self._slots.acquire()
             batch = await self._gather()
             if not batch:
-                self._slots.release()
                 continue
+            self._running += 1
             execution = asyncio.create_task(self._execute(batch))
             self._executions.add(execution)
             execution.add_done_callback(self._finished)
 
     def _finished(self, execution: asyncio.Task[None]) -> None:
         self._executions.discard(execution)
-        self._slots.release()
+        self._running -= 1
+        self._wake.set()
 
     async def _gather(self) -> list[_Pending]:
         """The next batch: the oldest live request and the compatible ones after

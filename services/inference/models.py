@@ -63,10 +63,13 @@ class ServedModel:
         inter_op_threads: int = 0,
         optimization_level: ort.GraphOptimizationLevel = ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
         gpu_device_id: int = 0,
+        spin: bool = False,
         warmup_runs: int = DEFAULT_WARMUP_RUNS,
     ) -> ServedModel:
         """Open ``model`` on ``provider`` (CUDA only where a GPU is present:
-        FAILED_PRECONDITION otherwise) and warm it up."""
+        FAILED_PRECONDITION otherwise) and warm it up. Its threads do not
+        spin between runs unless ``spin``: a server's gRPC threads need the
+        cores more than a spinning pool waiting for the next batch."""
         if provider == onnx_runtime.CUDA and not onnx_runtime.gpu_present():
             raise FailedPreconditionError(
                 "the CUDA execution provider was asked for and no GPU is present",
@@ -80,6 +83,7 @@ class ServedModel:
                 inter_op_threads=inter_op_threads,
                 optimization_level=optimization_level,
                 gpu_device_id=gpu_device_id,
+                spin=spin,
             )
         except Exception as error:  # ONNX Runtime's errors share no base class
             raise FailedPreconditionError(

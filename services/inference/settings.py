@@ -62,8 +62,11 @@ class InferenceSettings(ServiceSettings):
     max_batch_size: int = Field(default=32, ge=1, le=4096)
     """Default dynamic batching: the largest merged batch, in rows."""
 
-    max_queue_delay: timedelta = timedelta(microseconds=500)
-    """Default dynamic batching: how long the oldest request may wait for more."""
+    max_queue_delay: timedelta = timedelta(0)
+    """Default dynamic batching: how long the oldest request may wait for more.
+    0 (Triton's default) never holds a request back: batches form from the
+    requests that queue while the model computes. A delay trades latency for
+    fuller batches."""
 
     max_queue_size: int = Field(default=1024, ge=1, le=65_536)
     """Default: requests that may wait per version before RESOURCE_EXHAUSTED."""

@@ -17,7 +17,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Final
@@ -243,6 +243,12 @@ async def load_version(
         slowest = await asyncio.to_thread(_warm_up, instances[0], version.max_batch_size, options)
         version.warmup_duration = timedelta(seconds=time.monotonic() - warm_started)
         version.inline = slowest < INLINE_COMPUTE_S and options.provider == onnx_runtime.CPU
+        if version.inline and options.intra_op_threads != 1:
+            # On the event loop a thread pool only adds hand-offs to a model
+            # this small: one thread computes it at least as fast.
+            single = replace(options, intra_op_threads=1)
+            version.instances = await asyncio.to_thread(_open_sessions, model, registered, single)
+            await asyncio.to_thread(_warm_up, version.instances[0], version.max_batch_size, single)
     except Exception as error:  # noqa: BLE001 - any failure leaves the old versions serving
         version.state = pb.VERSION_STATE_FAILED
         version.error_message = _describe(error)

@@ -75,7 +75,7 @@ async def test_a_registered_model_is_served_through_its_production_alias(suite: 
     assert [(i.name, i.data_type, list(i.dims)) for i in config.input] == [
         ("input", model_config_pb2.TYPE_FP32, [FEATURES])
     ]
-    assert config.dynamic_batching.max_queue_delay_microseconds == 500
+    assert config.dynamic_batching.max_queue_delay_microseconds == 0
     assert config.parameters["traffic"].string_value == f"{version}=100"
     assert config.parameters["execution_provider"].string_value == "CPUExecutionProvider"
 

