@@ -23,7 +23,7 @@ from opentelemetry.sdk.trace.export import (
     SpanExporter,
     SpanExportResult,
 )
-from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ParentBased, TraceIdRatioBased
 
 from conveyor.shared.settings import TelemetrySettings
 
@@ -39,10 +39,6 @@ def create_tracer_provider(
     process, while tests build servers on private providers.
     """
     settings = settings or TelemetrySettings()
-    provider = TracerProvider(
-        resource=Resource.create({"service.name": f"conveyor-{service_name}"}),
-        sampler=ParentBased(TraceIdRatioBased(settings.sample_ratio)),
-    )
     exporter: SpanExporter | None = None
     if settings.otlp_endpoint:
         # Imported here: the OTLP exporter pulls in its own gRPC/protobuf stack,
@@ -56,6 +52,14 @@ def create_tracer_provider(
         )
     elif settings.traces_file is not None:
         exporter = JsonLinesSpanExporter(settings.traces_file)
+    # With nowhere to send spans, none is recorded: calls still get trace
+    # contexts (ids in logs, propagation downstream) without the cost of
+    # building spans nobody reads, on every inference.
+    sampler = ParentBased(TraceIdRatioBased(settings.sample_ratio)) if exporter else ALWAYS_OFF
+    provider = TracerProvider(
+        resource=Resource.create({"service.name": f"conveyor-{service_name}"}),
+        sampler=sampler,
+    )
     if exporter is not None:
         provider.add_span_processor(BatchSpanProcessor(exporter))
     return provider

@@ -187,6 +187,10 @@ class InferenceMetrics:
             for kind, description in _SHADOW_COUNTERS.items()
         }
         self._statuses: dict[tuple[str, str], set[str]] = {}
+        # Labelled series looked up once: the serving path observes several
+        # per request, and a label lookup costs as much as the observation.
+        self._request_series: dict[tuple[str, str, str], tuple[Any, Any]] = {}
+        self._batch_series: dict[tuple[str, str], tuple[Any, Any, Any]] = {}
         self._lock = threading.Lock()
         if directory is not None:
             MultiProcessCollector(self.registry, path=directory)  # type: ignore[no-untyped-call]
@@ -202,12 +206,18 @@ class InferenceMetrics:
         """Counts one answered request; its latency is counted only when it
         succeeded, so fast refusals do not flatter the latency."""
         code = status.name if isinstance(status, grpc.StatusCode) else status
-        labels = (model, str(version))
-        with self._lock:
-            self._statuses.setdefault(labels, set()).add(code)
-        self._requests.labels(*labels, code).inc()
-        if code == grpc.StatusCode.OK.name:
-            self._latency.labels(*labels).observe(latency_s)
+        key = (model, str(version), code)
+        series = self._request_series.get(key)
+        if series is None:
+            labels = key[:2]
+            with self._lock:
+                self._statuses.setdefault(labels, set()).add(code)
+            latency = self._latency.labels(*labels) if code == grpc.StatusCode.OK.name else None
+            series = (self._requests.labels(*key), latency)
+            self._request_series[key] = series
+        series[0].inc()
+        if series[1] is not None:
+            series[1].observe(latency_s)
 
     def observe_batch(
         self,
@@ -220,9 +230,17 @@ class InferenceMetrics:
         """Counts one computed batch of ``size`` rows: ``queue_s`` is how long
         its requests waited (one value per request, or one for the batch)."""
         labels = (model, str(version))
-        self._batch_size.labels(*labels).observe(size)
-        self._compute.labels(*labels).observe(compute_s)
-        waits = self._queue_wait.labels(*labels)
+        series = self._batch_series.get(labels)
+        if series is None:
+            series = (
+                self._batch_size.labels(*labels),
+                self._compute.labels(*labels),
+                self._queue_wait.labels(*labels),
+            )
+            self._batch_series[labels] = series
+        batch_size, compute, waits = series
+        batch_size.observe(size)
+        compute.observe(compute_s)
         for wait in queue_s if isinstance(queue_s, Sequence) else (queue_s,):
             waits.observe(wait)
 
@@ -237,6 +255,9 @@ class InferenceMetrics:
     def remove_version(self, model: str, version: str | int) -> None:
         """Forgets an unloaded version's series (see the module on multiprocess mode)."""
         labels = (model, str(version))
+        for key in [k for k in self._request_series if k[:2] == labels]:
+            del self._request_series[key]
+        self._batch_series.pop(labels, None)
         if self.multiprocess:
             self._queue_depth.labels(*labels).set(0)
             return
