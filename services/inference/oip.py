@@ -333,7 +333,8 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
             # rather than refuse a request that is only early.
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(runtime.first_load.wait(), time_remaining)
-        route = runtime.route
+        # Requests that name their version are not part of the split: no shadow copy.
+        route = None if request.model_version else runtime.route
         if request.model_version:
             version = await runtime.version(_version_number(request.model_version))
         else:
@@ -361,7 +362,7 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
                 raw_output_contents=blobs,
             )
         except ConveyorError as error:
-            self._failed(runtime, version, error, received_ns)
+            self._failed(runtime, version, request.id, error, received_ns)
             raise
         finished_ns = time.perf_counter_ns()
         stats = version.statistics
@@ -380,15 +381,37 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         self,
         runtime: DeploymentRuntime,
         version: LoadedVersion,
+        request_id: str,
         error: ConveyorError,
         received_ns: int,
     ) -> None:
+        """Statistics, metrics and the prediction log of a refused request (the
+        monitor's error rates count it)."""
         elapsed = time.perf_counter_ns() - received_ns
         version.statistics.fail += 1
         version.statistics.fail_ns += elapsed
         self._metrics.observe_request(
             runtime.model_id, version.number, error.code.name, elapsed / 1e9
         )
+        rate = self._sample_rate(runtime)
+        if rate > 0:
+            self._log.offer(
+                lambda: records_for(
+                    version.name,
+                    request_id,
+                    {},
+                    {},
+                    latency=timedelta(seconds=elapsed / 1e9),
+                    time=datetime.now(UTC),
+                    status_code=error.code.value[0],
+                ),
+                sample_rate=rate,
+            )
+
+    def _sample_rate(self, runtime: DeploymentRuntime) -> float:
+        if runtime.config.HasField("prediction_log_sample_rate"):
+            return runtime.config.prediction_log_sample_rate
+        return self._default_sample_rate
 
     def _record(self, served: _Served, finished_ns: int) -> None:
         """Spans, metrics, the shadow copy and the prediction log of one answer."""
@@ -407,11 +430,7 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
             )
         ):
             self._metrics.count_shadow(model_id, dropped=1)
-        rate = (
-            served.runtime.config.prediction_log_sample_rate
-            if served.runtime.config.HasField("prediction_log_sample_rate")
-            else self._default_sample_rate
-        )
+        rate = self._sample_rate(served.runtime)
         if rate > 0:
             self._log.offer(
                 lambda: records_for(

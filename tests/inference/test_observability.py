@@ -109,6 +109,16 @@ async def test_served_and_shadow_predictions_reach_the_monitor(
     shadowed = [r for r in records if r.shadow]
     assert {r.model_version for r in shadowed} == {shadow}
     assert sorted(r.request_id for r in shadowed) == ["order-7#0", "order-7#1"]
+    # A refused request is logged too, without features or outputs: the
+    # monitor's error rates count it.
+    refused = infer_request("logged", X[:, :3], id="bad-shape")
+    with pytest.raises(grpc.aio.AioRpcError):
+        await suite.oip.ModelInfer(refused)
+    records = await monitor.wait_for(5)
+    [failed] = [r for r in records if r.request_id == "bad-shape"]
+    assert failed.status_code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert not failed.outputs
+    assert failed.model_version == "models/logged/versions/1"
 
 
 async def test_sampling_zero_logs_nothing(monitored: tuple[Suite, Monitor, int]) -> None:
