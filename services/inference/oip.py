@@ -368,7 +368,10 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         stats = version.statistics
         stats.success += 1
         stats.success_ns += finished_ns - received_ns
+        stats.rows += _rows_of(inputs)
         stats.input_ns += decoded_ns - received_ns
+        stats.queue_ns += int((timing.started - timing.arrived) * 1e9)
+        stats.compute_ns += int((timing.finished - timing.started) * 1e9)
         stats.output_ns += finished_ns - encoded_started
         stats.last_inference_ms = time.time_ns() // 1_000_000
         self._record(
@@ -530,22 +533,30 @@ def model_statistics(model_id: str, version: LoadedVersion) -> oip.ModelStatisti
         name=model_id,
         version=version.number,
         last_inference=requests.last_inference_ms,
-        inference_count=batch.rows if batch else 0,
+        inference_count=requests.rows,
         execution_count=batch.executions if batch else 0,
     )
     infer = stats.inference_stats
-    infer.success.count, infer.success.ns = requests.success, requests.success_ns
+    answered = requests.success
+    infer.success.count, infer.success.ns = answered, requests.success_ns
     infer.fail.count, infer.fail.ns = requests.fail, requests.fail_ns
-    infer.compute_input.count, infer.compute_input.ns = requests.success, requests.input_ns
-    infer.compute_output.count, infer.compute_output.ns = requests.success, requests.output_ns
+    infer.queue.count, infer.queue.ns = answered, requests.queue_ns
+    infer.compute_input.count, infer.compute_input.ns = answered, requests.input_ns
+    infer.compute_infer.count, infer.compute_infer.ns = answered, requests.compute_ns
+    infer.compute_output.count, infer.compute_output.ns = answered, requests.output_ns
     if batch is not None:
-        infer.queue.count, infer.queue.ns = batch.requests, batch.queue_ns
-        infer.compute_infer.count, infer.compute_infer.ns = batch.requests, batch.compute_ns
         for size, count in sorted(batch.batch_sizes.items()):
             entry = stats.batch_stats.add(batch_size=size)
             entry.compute_infer.count = count
             entry.compute_infer.ns = batch.batch_compute_ns.get(size, 0)
     return stats
+
+
+def _rows_of(inputs: dict[str, npt.NDArray[Any]]) -> int:
+    """The rows of a request (its inputs' first dimension)."""
+    for array in inputs.values():
+        return int(array.shape[0]) if array.ndim else 1
+    return 0
 
 
 def _spans(version: LoadedVersion, timing: BatchTiming) -> None:

@@ -30,7 +30,7 @@ from conveyor.services.inference.registry_source import RegistrySource
 from conveyor.services.inference.settings import InferenceSettings
 from conveyor.services.inference.store import DeploymentStore, deployment_name
 from conveyor.services.inference.versions import NO_OBSERVERS, Observers
-from conveyor.shared.errors import ConveyorError, NotFoundError
+from conveyor.shared.errors import AlreadyExistsError, ConveyorError, NotFoundError
 from conveyor.shared.names import check_id
 from conveyor.shared.workers import WorkerThreads
 
@@ -62,6 +62,7 @@ class ModelRepository:
         """By model id (the Open Inference Protocol's model name)."""
         self._etags: dict[str, str] = {}
         self._tasks: list[asyncio.Task[None]] = []
+        self._applying: set[asyncio.Future[None]] = set()
         self._sync_lock = asyncio.Lock()
         self.alias_revision = 0
         self.watching = False
@@ -110,7 +111,8 @@ class ModelRepository:
         check_deployment(deployment)
         try:
             stored = await self._workers.run(self._store.create, deployment)
-        except ConveyorError:
+        except AlreadyExistsError:
+            # Created a moment ago (another request, another process).
             stored = await self._workers.run(self._store.get, deployment.name)
         await self.applied(stored)
         return self.runtimes[model_id]
@@ -130,6 +132,8 @@ class ModelRepository:
             )
             self.runtimes[model_id] = runtime
         work = asyncio.ensure_future(runtime.apply(deployment))
+        self._applying.add(work)
+        work.add_done_callback(self._applying.discard)
         if wait:
             await work
 

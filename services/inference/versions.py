@@ -95,14 +95,21 @@ class ServingOptions:
 
 @dataclass
 class RequestStatistics:
-    """Per-request counts and durations of one version, as Triton reports them
-    (the batcher keeps the queue and compute parts)."""
+    """Per-request counts and durations of one version, as Triton reports them.
+
+    Every part of an answered request is added in one step when its answer is
+    ready, so a snapshot never shows a request's compute without its input
+    and output parts (perf_analyzer refuses statistics whose counts differ).
+    The batcher keeps the per-batch numbers."""
 
     success: int = 0
     success_ns: int = 0
     fail: int = 0
     fail_ns: int = 0
+    rows: int = 0
+    queue_ns: int = 0
     input_ns: int = 0
+    compute_ns: int = 0
     output_ns: int = 0
     last_inference_ms: int = 0
 
