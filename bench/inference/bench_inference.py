@@ -79,7 +79,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "resnet18": [conveyor_leg.Batching.parse(b) for b in args.resnet_batching.split(",")],
     }
     results: dict[str, Any] = {
-        "machine": machine_info(root),
+        "machine": {**machine_info(root), "gpus": gpu_names()},
         "settings": {
             "legs": sorted(legs),
             "models": models,
@@ -103,7 +103,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     inprocess_rows: list[dict[str, Any]] = []
     if "inprocess" in legs:
-        inprocess_rows += _inprocess(specs, args.inprocess_seconds, "before")
+        inprocess_rows += _inprocess(specs, args.inprocess_seconds, "before", args.gpu)
     measurements: list[perf.Measurement] = []
     with contextlib.ExitStack() as stack:
         targets = _start_servers(
@@ -112,7 +112,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"servers ready; {len(targets)} targets", file=sys.stderr)
         measurements = _sweep(binary, targets, concurrency, settings, root / "perf", args.rounds)
     if "inprocess" in legs:
-        inprocess_rows += _inprocess(specs, args.inprocess_seconds, "after")
+        inprocess_rows += _inprocess(specs, args.inprocess_seconds, "after", args.gpu)
     results["machine"]["load_average_after"] = os.getloadavg()
     results["duration_s"] = round(time.time() - started_at, 1)
     results["inprocess"] = inprocess_rows
@@ -158,6 +158,12 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--rounds", type=int, default=2, help="sweeps over all targets; medians are reported"
     )
     parser.add_argument("--inprocess-seconds", type=float, default=2.0)
+    parser.add_argument(
+        "--gpu",
+        action="store_true",
+        help="in-process ceiling on ONNX Runtime's CUDA provider, the card named in the "
+        "JSON (Conveyor picks CUDA by itself where a GPU is present)",
+    )
     parser.add_argument(
         "--conveyor-env",
         action="append",
@@ -256,11 +262,31 @@ def _code_state() -> dict[str, str]:
     }
 
 
-def _inprocess(specs: list[ModelSpec], seconds: float, when: str) -> list[dict[str, Any]]:
+def _inprocess(
+    specs: list[ModelSpec], seconds: float, when: str, gpu: bool
+) -> list[dict[str, Any]]:
     print(f"in-process ONNX Runtime ({when})", file=sys.stderr)
     batches = {"mlp": (1,), "resnet18": (1, 8, 16, 32)}
-    rows = inprocess.ceiling(specs, threads=(1, 2), batches=batches, seconds=seconds)
-    return [{**row.as_json(), "when": when} for row in rows]
+    provider = inprocess.CUDA if gpu else inprocess.CPU
+    rows = inprocess.ceiling(
+        specs, threads=(1, 2), batches=batches, seconds=seconds, provider=provider
+    )
+    return [{**row.as_json(), "when": when, "provider": provider} for row in rows]
+
+
+def gpu_names() -> list[str]:
+    """The GPUs ``nvidia-smi`` lists, to name the card beside its numbers."""
+    try:
+        listed = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=30,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [line.strip() for line in listed.splitlines() if line.strip()]
 
 
 def _start_servers(

@@ -48,20 +48,30 @@ class InProcessResult:
         }
 
 
-def session(spec: ModelSpec, threads: int) -> ort.InferenceSession:
+CPU = "CPUExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+
+
+def session(spec: ModelSpec, threads: int, provider: str = CPU) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return ort.InferenceSession(str(spec.onnx_path), options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(spec.onnx_path), options, providers=[provider])
 
 
 def measure(
-    spec: ModelSpec, *, batch: int, threads: int, seconds: float, warmup_s: float = 0.5
+    spec: ModelSpec,
+    *,
+    batch: int,
+    threads: int,
+    seconds: float,
+    warmup_s: float = 0.5,
+    provider: str = CPU,
 ) -> InProcessResult:
     """``session.run`` in a loop for ``seconds`` (after ``warmup_s`` of the same)."""
-    sess = session(spec, threads)
+    sess = session(spec, threads, provider)
     rng = np.random.default_rng(0)
     feed = {spec.inputs[0].name: rng.random((batch, *spec.sample_shape), dtype=np.float32)}
     run = sess.run
@@ -97,11 +107,14 @@ def ceiling(
     threads: tuple[int, ...],
     batches: dict[str, tuple[int, ...]],
     seconds: float,
+    provider: str = CPU,
 ) -> list[InProcessResult]:
     """Every (model, batch, threads) combination, threads alternating."""
     results = []
     for spec in specs:
         for batch in batches.get(spec.name, (1,)):
             for count in threads:
-                results.append(measure(spec, batch=batch, threads=count, seconds=seconds))
+                results.append(
+                    measure(spec, batch=batch, threads=count, seconds=seconds, provider=provider)
+                )
     return results

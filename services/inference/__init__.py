@@ -5,12 +5,15 @@ The building blocks: :mod:`.tensors` (protocol tensors to NumPy arrays and
 back), :mod:`.batching` (the per-version dynamic batcher), :mod:`.models` (a
 model's ONNX Runtime session, checked and warmed), :mod:`.versions` (a
 registry version loaded to serve), :mod:`.deployments` (one deployment's
-route, hot swaps, on-demand versions and shadow), :mod:`.repository` (every
+hot swaps, on-demand versions and shadow), :mod:`.routing` (the split and the
+shadow's comparison), :mod:`.repository` (every
 deployment of a process, kept in step with the store and the registry's
 aliases), :mod:`.prediction_log` and :mod:`.metrics`.
 
 The service (``conveyor serve inference``): :mod:`.server`, :mod:`.oip` (the
-data plane), :mod:`.management` (the control plane), :mod:`.store`.
+data plane) with :mod:`.metadata` (its descriptive answers), :mod:`.management`
+(the control plane) with :mod:`.deployment_config`, :mod:`.store`,
+:mod:`.registry_source`.
 """
 
 from __future__ import annotations

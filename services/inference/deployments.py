@@ -19,18 +19,14 @@ unloaded first.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
-import random
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Final
+from typing import Any
 
-import numpy as np
 import numpy.typing as npt
-from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from conveyor.inference.v1 import resources_pb2 as pb
@@ -42,6 +38,7 @@ from conveyor.services.inference.deployment_config import (
     traffic_targets,
 )
 from conveyor.services.inference.registry_source import RegistrySource
+from conveyor.services.inference.routing import PERCENT, Route, ShadowCounters, duration
 from conveyor.services.inference.settings import InferenceSettings
 from conveyor.services.inference.versions import (
     NO_OBSERVERS,
@@ -50,115 +47,12 @@ from conveyor.services.inference.versions import (
     ServingOptions,
     load_version,
 )
-from conveyor.shared.errors import (
-    ConveyorError,
-    FailedPreconditionError,
-    NotFoundError,
-    UnavailableError,
-)
+from conveyor.shared.errors import ConveyorError, FailedPreconditionError, UnavailableError
 from conveyor.shared.names import parse_model_version_ref
 
 logger = logging.getLogger(__name__)
 
 Arrays = dict[str, npt.NDArray[Any]]
-_PERCENT: Final = 100
-
-
-@dataclass(frozen=True)
-class Route:
-    """Where requests go: a weighted split and an optional shadow."""
-
-    targets: tuple[tuple[LoadedVersion, int], ...]
-    sticky: bool
-    shadow: LoadedVersion | None = None
-    shadow_sample_percent: int = _PERCENT
-    shadow_tolerance: float = 0.0
-
-    def pick(self, request_id: str) -> LoadedVersion:
-        """The version for a request: by weight, by the id's hash when sticky."""
-        if len(self.targets) == 1:
-            return self.targets[0][0]
-        total = sum(percent for _, percent in self.targets)
-        if self.sticky and request_id:
-            digest = hashlib.blake2b(request_id.encode(), digest_size=8).digest()
-            point = int.from_bytes(digest, "big") % total
-        else:
-            point = random.randrange(total)
-        for version, percent in self.targets:
-            if point < percent:
-                return version
-            point -= percent
-        return self.targets[-1][0]
-
-    def shadows(self) -> bool:
-        """Whether this request gets copied to the shadow."""
-        return self.shadow is not None and (
-            self.shadow_sample_percent >= _PERCENT
-            or random.randrange(_PERCENT) < self.shadow_sample_percent
-        )
-
-
-@dataclass
-class ShadowCounters:
-    """How the shadow's answers compared with the served ones."""
-
-    model_version: str
-    start_time: datetime = field(default_factory=lambda: datetime.now(UTC))
-    mirrored: int = 0
-    dropped: int = 0
-    errors: int = 0
-    compared: int = 0
-    mismatches: int = 0
-    top1_disagreements: int = 0
-    abs_difference_sum: float = 0.0
-    abs_difference_max: float = 0.0
-    served_latency_s: float = 0.0
-    shadow_latency_s: float = 0.0
-
-    def compare(
-        self,
-        served: Mapping[str, npt.NDArray[Any]],
-        shadow: Mapping[str, npt.NDArray[Any]],
-        tolerance: float,
-    ) -> bool:
-        """Count one comparison; whether the answers agreed within ``tolerance``."""
-        self.compared += 1
-        agreed = True
-        for name, answer in served.items():
-            other = shadow.get(name)
-            if other is None or other.shape != answer.shape:
-                agreed = False
-                continue
-            if answer.dtype.kind in "fiub" and other.dtype.kind in "fiub":
-                difference = float(np.max(np.abs(answer.astype(np.float64) - other)))
-                self.abs_difference_max = max(self.abs_difference_max, difference)
-                self.abs_difference_sum += difference
-                agreed = agreed and difference <= tolerance
-                if answer.ndim == 2 and answer.shape[1] > 1:
-                    top1 = np.argmax(answer, axis=1) != np.argmax(other, axis=1)
-                    self.top1_disagreements += int(np.any(top1))
-            else:
-                agreed = agreed and bool(np.array_equal(answer, other))
-        if not agreed:
-            self.mismatches += 1
-        return agreed
-
-    def to_proto(self) -> pb.ShadowStats:
-        stats = pb.ShadowStats(
-            model_version=self.model_version,
-            mirrored_count=self.mirrored,
-            dropped_count=self.dropped,
-            error_count=self.errors,
-            compared_count=self.compared,
-            mismatch_count=self.mismatches,
-            top1_disagreement_count=self.top1_disagreements,
-            mean_abs_difference=self.abs_difference_sum / self.compared if self.compared else 0.0,
-            max_abs_difference=self.abs_difference_max,
-            mean_served_latency=_duration(self.served_latency_s / max(self.compared, 1)),
-            mean_shadow_latency=_duration(self.shadow_latency_s / max(self.compared, 1)),
-        )
-        stats.start_time.FromDatetime(self.start_time)
-        return stats
 
 
 @dataclass(frozen=True)
@@ -341,7 +235,7 @@ class DeploymentRuntime:
             targets=tuple(targets),
             sticky=config.traffic.sticky,
             shadow=shadow,
-            shadow_sample_percent=config.shadow.sample_percent or _PERCENT,
+            shadow_sample_percent=config.shadow.sample_percent or PERCENT,
             shadow_tolerance=config.shadow.tolerance,
         )
 
@@ -582,8 +476,8 @@ def describe(version: LoadedVersion, traffic_percent: int) -> pb.LoadedVersion:
         device=version.device,
         artifact_sha256=version.registered.artifact.sha256,
         max_batch_size=version.max_batch_size,
-        load_duration=_duration(version.load_duration.total_seconds()),
-        warmup_duration=_duration(version.warmup_duration.total_seconds()),
+        load_duration=duration(version.load_duration.total_seconds()),
+        warmup_duration=duration(version.warmup_duration.total_seconds()),
         queue_depth=version.batcher.queue_depth if version.batcher else 0,
         error_message=version.error_message,
     )
@@ -592,19 +486,7 @@ def describe(version: LoadedVersion, traffic_percent: int) -> pb.LoadedVersion:
     return described
 
 
-def missing_model(model_id: str) -> NotFoundError:
-    return NotFoundError(
-        f"models/{model_id} has no deployment in this server", reason="MODEL_NOT_DEPLOYED"
-    )
-
-
 def _timestamp(moment: datetime) -> Timestamp:
     stamp = Timestamp()
     stamp.FromDatetime(moment)
     return stamp
-
-
-def _duration(seconds: float) -> Duration:
-    duration = Duration()
-    duration.FromNanoseconds(int(seconds * 1e9))
-    return duration

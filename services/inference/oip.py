@@ -28,16 +28,22 @@ import grpc
 import numpy.typing as npt
 from opentelemetry import trace
 
-from conveyor.inference.v1 import resources_pb2 as pb
 from conveyor.oip.v2 import grpc_service_pb2 as oip
-from conveyor.oip.v2 import grpc_service_pb2_grpc, model_config_pb2
+from conveyor.oip.v2 import grpc_service_pb2_grpc
 from conveyor.services.inference.batching import BatchTiming
-from conveyor.services.inference.deployments import DeploymentRuntime, Route
+from conveyor.services.inference.deployments import DeploymentRuntime
+from conveyor.services.inference.metadata import (
+    PLATFORM,
+    index_state,
+    model_config,
+    model_statistics,
+    tensor_metadata,
+)
 from conveyor.services.inference.metrics import InferenceMetrics
 from conveyor.services.inference.prediction_log import PredictionLog, records_for
 from conveyor.services.inference.repository import ModelRepository
+from conveyor.services.inference.routing import Route
 from conveyor.services.inference.tensors import (
-    TensorSpec,
     as_text,
     check_finite,
     check_signature,
@@ -59,7 +65,6 @@ from conveyor.shared.names import check_id
 logger = logging.getLogger(__name__)
 tracer = trace.get_tracer("conveyor.inference")
 
-PLATFORM: Final = "onnxruntime_onnx"
 EXTENSIONS: Final = (
     "model_repository",
     "model_repository(unload_dependents)",
@@ -67,21 +72,6 @@ EXTENSIONS: Final = (
     "statistics",
     "parameters",
 )
-CONFIG_TYPES: Final = {
-    "BOOL": model_config_pb2.TYPE_BOOL,
-    "UINT8": model_config_pb2.TYPE_UINT8,
-    "UINT16": model_config_pb2.TYPE_UINT16,
-    "UINT32": model_config_pb2.TYPE_UINT32,
-    "UINT64": model_config_pb2.TYPE_UINT64,
-    "INT8": model_config_pb2.TYPE_INT8,
-    "INT16": model_config_pb2.TYPE_INT16,
-    "INT32": model_config_pb2.TYPE_INT32,
-    "INT64": model_config_pb2.TYPE_INT64,
-    "FP16": model_config_pb2.TYPE_FP16,
-    "FP32": model_config_pb2.TYPE_FP32,
-    "FP64": model_config_pb2.TYPE_FP64,
-    "BYTES": model_config_pb2.TYPE_STRING,
-}
 MAX_INDEXED_MODELS: Final = 1000
 
 
@@ -158,8 +148,8 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
             name=runtime.model_id,
             versions=_serving_numbers(runtime),
             platform=PLATFORM,
-            inputs=[_tensor_metadata(spec) for spec in version.inputs],
-            outputs=[_tensor_metadata(spec) for spec in version.outputs],
+            inputs=[tensor_metadata(spec) for spec in version.inputs],
+            outputs=[tensor_metadata(spec) for spec in version.outputs],
         )
 
     async def ModelConfig(
@@ -212,7 +202,7 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
                     oip.RepositoryIndexResponse.ModelIndex(
                         name=model_id,
                         version=version.number,
-                        state=_index_state(version),
+                        state=index_state(version),
                         reason=version.error_message,
                     )
                 )
@@ -462,96 +452,6 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
             return []
 
 
-def model_config(
-    runtime: DeploymentRuntime, version: LoadedVersion
-) -> model_config_pb2.ModelConfig:
-    """Triton's ``ModelConfig`` of a version as it is served: with a batch
-    dimension (max_batch_size > 0) the dims leave it out, as Triton's do; the
-    split and the shadow are in ``parameters``."""
-    batching = version.max_batch_size > 1
-    config = model_config_pb2.ModelConfig(
-        name=runtime.model_id,
-        platform=PLATFORM,
-        backend="onnxruntime",
-        max_batch_size=version.max_batch_size if batching else 0,
-        input=[
-            model_config_pb2.ModelInput(
-                name=spec.name,
-                data_type=CONFIG_TYPES[spec.datatype],
-                dims=list(spec.shape[1:] if batching else spec.shape),
-            )
-            for spec in version.inputs
-        ],
-        output=[
-            model_config_pb2.ModelOutput(
-                name=spec.name,
-                data_type=CONFIG_TYPES[spec.datatype],
-                dims=list(spec.shape[1:] if batching else spec.shape),
-            )
-            for spec in version.outputs
-        ],
-        instance_group=[
-            model_config_pb2.ModelInstanceGroup(
-                name=f"{runtime.model_id}_{version.number}",
-                kind=model_config_pb2.ModelInstanceGroup.KIND_GPU
-                if version.device.startswith("cuda")
-                else model_config_pb2.ModelInstanceGroup.KIND_CPU,
-                count=len(version.instances),
-                gpus=[version.options.gpu_device_id] if version.device.startswith("cuda") else [],
-            )
-        ],
-    )
-    if batching:
-        config.dynamic_batching.max_queue_delay_microseconds = int(
-            version.options.max_queue_delay.total_seconds() * 1_000_000
-        )
-    parameters = {
-        "model_version": version.name,
-        "execution_provider": version.options.provider,
-        "device": version.device,
-        "artifact_sha256": version.registered.artifact.sha256,
-        "deployment_state": pb.DeploymentState.Name(runtime.state),
-    }
-    route = runtime.route
-    if route is not None:
-        parameters["traffic"] = ",".join(f"{v.name}={p}" for v, p in route.targets)
-        parameters["sticky"] = str(route.sticky).lower()
-        if route.shadow is not None:
-            parameters["shadow"] = route.shadow.name
-            parameters["shadow_sample_percent"] = str(route.shadow_sample_percent)
-    for key, value in parameters.items():
-        config.parameters[key].string_value = value
-    return config
-
-
-def model_statistics(model_id: str, version: LoadedVersion) -> oip.ModelStatistics:
-    """Triton's statistics of one version: per request and per batch size."""
-    requests = version.statistics
-    batcher = version.batcher
-    batch = batcher.statistics if batcher is not None else None
-    stats = oip.ModelStatistics(
-        name=model_id,
-        version=version.number,
-        last_inference=requests.last_inference_ms,
-        inference_count=requests.rows,
-        execution_count=batch.executions if batch else 0,
-    )
-    infer = stats.inference_stats
-    answered = requests.success
-    infer.success.count, infer.success.ns = answered, requests.success_ns
-    infer.fail.count, infer.fail.ns = requests.fail, requests.fail_ns
-    infer.queue.count, infer.queue.ns = answered, requests.queue_ns
-    infer.compute_input.count, infer.compute_input.ns = answered, requests.input_ns
-    infer.compute_infer.count, infer.compute_infer.ns = answered, requests.compute_ns
-    infer.compute_output.count, infer.compute_output.ns = answered, requests.output_ns
-    if batch is not None:
-        for size, count in sorted(batch.batch_sizes.items()):
-            entry = stats.batch_stats.add(batch_size=size)
-            entry.compute_infer.count = count
-            entry.compute_infer.ns = batch.batch_compute_ns.get(size, 0)
-    return stats
-
-
 def _rows_of(inputs: dict[str, npt.NDArray[Any]]) -> int:
     """The rows of a request (its inputs' first dimension)."""
     for array in inputs.values():
@@ -666,21 +566,6 @@ def _serving_numbers(runtime: DeploymentRuntime) -> list[str]:
     if route is None:
         return []
     return list(dict.fromkeys(version.number for version, _ in route.targets))
-
-
-def _tensor_metadata(spec: TensorSpec) -> oip.ModelMetadataResponse.TensorMetadata:
-    return oip.ModelMetadataResponse.TensorMetadata(
-        name=spec.name, datatype=spec.datatype, shape=list(spec.shape)
-    )
-
-
-def _index_state(version: LoadedVersion) -> str:
-    return {
-        pb.VERSION_STATE_READY: "READY",
-        pb.VERSION_STATE_LOADING: "LOADING",
-        pb.VERSION_STATE_WARMING: "LOADING",
-        pb.VERSION_STATE_DRAINING: "UNLOADING",
-    }.get(version.state, "UNAVAILABLE")
 
 
 def _check_repository(name: str) -> None:
