@@ -57,8 +57,15 @@ NOT_FOUND only to callers allowed to learn it. Start from
 :func:`default_resource`.
 """
 
-OPEN_METHOD_PREFIXES: Final = ("/grpc.health.v1.Health/", "/grpc.reflection.")
-"""Methods served without credentials: health probes and server reflection."""
+OPEN_METHOD_PREFIXES: Final = (
+    "/grpc.health.v1.Health/",
+    "/grpc.reflection.",
+    "/inference.GRPCInferenceService/ServerLive",
+    "/inference.GRPCInferenceService/ServerReady",
+)
+"""Methods served without credentials: health probes (gRPC's and the Open
+Inference Protocol's, which load balancers and Triton clients poll) and server
+reflection."""
 
 _ALIAS_NAME = re.compile(r"^models/[^/]+/aliases/([^/]+)$")
 

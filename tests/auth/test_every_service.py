@@ -35,6 +35,11 @@ from conveyor.shared.secrets import LocalSecretStore, SecretStore
 from conveyor.shared.server import ConveyorServer
 
 OPEN_SERVICES = ("grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection")
+OPEN_METHODS = (
+    # The Open Inference Protocol's own health probes, like gRPC health.
+    "inference.GRPCInferenceService.ServerLive",
+    "inference.GRPCInferenceService.ServerReady",
+)
 ERIN = Principal("user", "erin", ("ml_engineer",), "team-a")
 TTL = timedelta(minutes=5)
 
@@ -127,7 +132,12 @@ def service_methods(names: list[str]) -> list[MethodDescriptor]:
     services: list[ServiceDescriptor] = [
         pool.FindServiceByName(name) for name in names if name not in OPEN_SERVICES
     ]
-    return [method for service in services for method in service.methods]
+    return [
+        method
+        for service in services
+        for method in service.methods
+        if method.full_name not in OPEN_METHODS
+    ]
 
 
 async def test_every_method_needs_valid_credentials(service: Served) -> None:
@@ -177,3 +187,10 @@ async def test_health_and_reflection_answer_without_credentials(service: Served)
         if name not in OPEN_SERVICES:
             reply = await health.Check(health_pb2.HealthCheckRequest(service=name))
             assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    if "inference.GRPCInferenceService" in names:
+        live = service.channel.unary_unary(
+            "/inference.GRPCInferenceService/ServerLive",
+            request_serializer=lambda _: b"",
+            response_deserializer=lambda data: data,
+        )
+        assert await live(b"") == b"\x08\x01"  # ServerLiveResponse(live=true)

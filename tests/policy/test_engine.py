@@ -115,6 +115,25 @@ def test_modelling_roles_read_everything_and_create_for_their_team(engine: Polic
     assert not engine.authorize(alice, "policy.ListDecisions", decisions, {}).allowed
 
 
+def test_modelling_roles_infer_and_ml_engineers_deploy_their_teams_models(
+    engine: PolicyEngine,
+) -> None:
+    deployment = Resource("inference.conveyor.dev/Deployment", "deployments/fraud", "team-b")
+    alice = user("alice", "data_scientist")
+    infer = engine.authorize(alice, "inference.ModelInfer", deployment, {})
+    assert infer.allowed
+    assert infer.policy_ids == ["modelling-roles-infer"]
+    assert not engine.authorize(alice, "inference.CreateDeployment", deployment, {}).allowed
+    erin = user("erin", "ml_engineer")
+    assert not engine.authorize(erin, "inference.CreateDeployment", deployment, {}).allowed
+    own = Resource("inference.conveyor.dev/Deployment", "deployments/fraud", "team-a")
+    deploy = engine.authorize(erin, "inference.UpdateDeployment", own, {})
+    assert deploy.allowed
+    assert deploy.policy_ids == ["ml-engineers-deploy-own-team"]
+    carol = user("carol", "security_auditor", team="security")
+    assert not engine.authorize(carol, "inference.ModelInfer", deployment, {}).allowed
+
+
 def test_auditor_lists_decisions_but_cannot_upload(engine: PolicyEngine) -> None:
     carol = user("carol", "security_auditor", team="security")
     listed = engine.authorize(
@@ -197,6 +216,7 @@ SERVICE_CALLS = {
     },
     "inference": {
         "registry.GetModel",
+        "registry.ListModels",
         "registry.GetModelVersion",
         "registry.ListModelVersions",
         "registry.DownloadArtifact",
