@@ -18,7 +18,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from importlib import metadata
@@ -29,6 +29,7 @@ from google.protobuf.message import Message
 from conveyor.inference.v1 import inference_service_pb2, inference_service_pb2_grpc
 from conveyor.inference.v1 import resources_pb2 as pb
 from conveyor.monitor.v1 import monitor_service_pb2
+from conveyor.monitor.v1.resources_pb2 import PredictionRecord
 from conveyor.oip.v2 import grpc_service_pb2, grpc_service_pb2_grpc
 from conveyor.registry.v1 import registry_service_pb2
 from conveyor.services.inference.management import ManagementServicer
@@ -41,8 +42,10 @@ from conveyor.services.inference.metrics import (
 from conveyor.services.inference.migrate import upgrade_to_head
 from conveyor.services.inference.oip import InferenceServicer
 from conveyor.services.inference.prediction_log import (
+    Observe,
     Outcome,
     PredictionLog,
+    counts_by_model,
     monitor_sender,
     records_for,
 )
@@ -334,13 +337,11 @@ def _state_name(version: LoadedVersion) -> str:
     return pb.VersionState.Name(version.state).removeprefix("VERSION_STATE_")
 
 
-def _count_log_outcomes(metrics: InferenceMetrics) -> Any:
-    def observe(records: Any, outcome: Outcome) -> None:
-        by_model: dict[str, int] = {}
-        for record in records:
-            model = record.model_version.split("/")[1]
-            by_model[model] = by_model.get(model, 0) + 1
-        for model, count in by_model.items():
+def _count_log_outcomes(metrics: InferenceMetrics) -> Observe:
+    """What became of prediction records, counted per model."""
+
+    def observe(records: Sequence[PredictionRecord], outcome: Outcome) -> None:
+        for model, count in counts_by_model(records).items():
             if outcome == Outcome.SENT:
                 metrics.count_prediction_log_sent(model, count)
             else:

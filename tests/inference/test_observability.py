@@ -136,11 +136,12 @@ async def test_sampling_zero_logs_nothing(monitored: tuple[Suite, Monitor, int])
 async def test_metrics_count_requests_batches_and_loaded_versions(
     monitored: tuple[Suite, Monitor, int],
 ) -> None:
-    suite, _, metrics_port = monitored
+    suite, monitor, metrics_port = monitored
     await suite.register("metered", weights(64))
     await asyncio.gather(*(suite.oip.ModelInfer(infer_request("metered", X)) for _ in range(6)))
     with pytest.raises(grpc.aio.AioRpcError):
         await suite.oip.ModelInfer(infer_request("metered", X[:, :3]))
+    await monitor.wait_for(13)  # 6 requests of 2 rows, and the refused one
     await asyncio.sleep(1.2)  # the gauges are sampled every second
     samples = await asyncio.to_thread(scrape, metrics_port)
 
@@ -157,6 +158,7 @@ async def test_metrics_count_requests_batches_and_loaded_versions(
     assert value("compute_duration_seconds_count", **version) == batches
     assert value("queue_duration_seconds_count", **version) == 6  # one wait per request
     assert value("loaded_versions", model="metered", state="READY") == 1
+    assert value("prediction_log_sent_records_total", model="metered") == 13
 
 
 async def test_queue_and_compute_spans_name_the_version_and_provider(
