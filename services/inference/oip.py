@@ -180,12 +180,7 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
     async def RepositoryIndex(
         self, request: oip.RepositoryIndexRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> oip.RepositoryIndexResponse:
-        if request.repository_name not in ("", "registry"):
-            raise NotFoundError(
-                f"no repository named {request.repository_name!r}; the one repository is "
-                "'registry' (or empty)",
-                reason="REPOSITORY_NOT_FOUND",
-            )
+        _check_repository(request.repository_name)
         response = oip.RepositoryIndexResponse()
         listed: set[str] = set()
         for model_id, runtime in sorted(self._repository.runtimes.items()):

@@ -78,10 +78,6 @@ class InferenceSettings(ServiceSettings):
     warmup_iterations: int = Field(default=3, ge=0, le=100)
     """Default warm-up runs per batch size before a version gets traffic."""
 
-    max_loaded_versions: int = Field(default=16, ge=1, le=1024)
-    """Versions loaded at once in a process, every deployment together; a
-    load beyond it is RESOURCE_EXHAUSTED."""
-
     drain_timeout: timedelta = timedelta(seconds=30)
     """How long a version taken out of traffic may finish its requests before
     it is unloaded anyway."""

@@ -33,6 +33,7 @@ from conveyor.services.registry.server import build_server as build_registry
 from conveyor.services.registry.settings import RegistrySettings
 from conveyor.shared.server import ConveyorServer
 from tests.support.registry import a_version, create_model, set_alias, upload_requests
+from tests.support.suite import free_port
 
 FEATURES = 4
 CLASSES = 2
@@ -219,14 +220,6 @@ def alone(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CONVEYOR_REGISTRY_PROMOTION_GATE", "off")
 
 
-def unused_port() -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 async def running_suite(tmp_path: Path, **settings: Any) -> AsyncIterator[Suite]:
     registry_server = await build_registry(
         RegistrySettings(data_dir=tmp_path, shutdown_grace=timedelta(seconds=1))
@@ -235,7 +228,7 @@ async def running_suite(tmp_path: Path, **settings: Any) -> AsyncIterator[Suite]
         "data_dir": tmp_path,
         "shutdown_grace": timedelta(seconds=1),
         "registry_addr": f"127.0.0.1:{registry_server.port}",
-        "monitor_addr": f"127.0.0.1:{unused_port()}",
+        "monitor_addr": f"127.0.0.1:{free_port()}",
         "metrics_listen": "127.0.0.1:0",
         "config_poll_interval": timedelta(milliseconds=100),
         "drain_timeout": timedelta(seconds=5),

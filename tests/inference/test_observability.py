@@ -26,9 +26,9 @@ from tests.inference.conftest import (
     expected,
     infer_request,
     running_suite,
-    unused_port,
     weights,
 )
+from tests.support.suite import free_port
 
 pytestmark = pytest.mark.timeout(120)
 X = np.random.default_rng(11).normal(size=(2, FEATURES)).astype(np.float32)
@@ -63,7 +63,7 @@ async def monitored(tmp_path: Path) -> AsyncIterator[tuple[Suite, Monitor, int]]
     monitor_service_pb2_grpc.add_MonitorServiceServicer_to_server(monitor, server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
-    metrics_port = unused_port()
+    metrics_port = free_port()
     try:
         async for suite in running_suite(
             tmp_path,

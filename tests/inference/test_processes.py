@@ -35,10 +35,10 @@ from tests.inference.conftest import (
     infer_request,
     linear_classifier,
     probabilities,
-    unused_port,
     weights,
 )
 from tests.support.registry import a_version, create_model, set_alias, upload_requests
+from tests.support.suite import free_port
 
 pytestmark = pytest.mark.timeout(180)
 X = np.random.default_rng(3).normal(size=(2, FEATURES)).astype(np.float32)
@@ -111,7 +111,7 @@ async def test_serving_processes_share_the_port(tmp_path: Path, registry: Convey
         )
         await set_alias(stub, "models/shared/aliases/production", reply.model_version.name)
 
-    port, metrics_port = unused_port(), unused_port()
+    port, metrics_port = free_port(), free_port()
     environment = dict(os.environ)
     environment.pop("PROMETHEUS_MULTIPROC_DIR", None)
     environment.update(
@@ -120,7 +120,7 @@ async def test_serving_processes_share_the_port(tmp_path: Path, registry: Convey
         CONVEYOR_INFERENCE_CONFIG_POLL_INTERVAL="PT0.1S",
         CONVEYOR_INFERENCE_SHUTDOWN_GRACE="PT1S",
         CONVEYOR_REGISTRY_ADDR=f"127.0.0.1:{registry.port}",
-        CONVEYOR_MONITOR_ADDR=f"127.0.0.1:{unused_port()}",
+        CONVEYOR_MONITOR_ADDR=f"127.0.0.1:{free_port()}",
         CONVEYOR_LOG_LEVEL="WARNING",
     )
     server = await asyncio.to_thread(

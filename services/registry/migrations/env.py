@@ -3,17 +3,7 @@
 
 from __future__ import annotations
 
-from alembic import context
-
 from conveyor.services.registry.schema import metadata
+from conveyor.shared.storage.migrations import run_migrations
 
-connection = context.config.attributes["connection"]
-context.configure(
-    connection=connection,
-    target_metadata=metadata,
-    version_table=context.config.get_main_option("version_table") or "alembic_version",
-    # SQLite cannot ALTER most things in place; batch mode copies the table.
-    render_as_batch=connection.dialect.name == "sqlite",
-)
-with context.begin_transaction():
-    context.run_migrations()
+run_migrations(metadata)
