@@ -6,7 +6,10 @@
   ``/pkg.Service/Method``, with ``rpc.*`` attributes and the gRPC status),
   continuing the caller's trace from its W3C ``traceparent`` metadata, current
   while the handler runs so that logs, child spans and downstream calls join
-  it. Methods of the untraced services (health checks) get none.
+  it. Methods of the untraced services (health checks) get none. Where the
+  tracer provider records nothing (no exporter configured), the call still
+  runs in a trace context — the caller's, or a fresh non-recording one — so
+  logs and audit records carry trace ids, without the cost of a span.
 - **Deadlines**: the call's deadline is recorded for
   :mod:`conveyor.shared.deadlines`, so calls made while serving inherit it.
 - **Errors**: the one place where exceptions become gRPC statuses: a
@@ -25,8 +28,10 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
+import random
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
 import grpc
@@ -36,6 +41,7 @@ from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
 from conveyor.shared.deadlines import serving_deadline
 from conveyor.shared.errors import ConveyorError, InternalError, status_trailing_metadata
+from conveyor.shared.telemetry import records_spans
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +68,7 @@ class ServingInterceptor(_ServerInterceptor):
         *,
         untraced_services: Iterable[str] = (),
     ) -> None:
-        self._tracer = trace.get_tracer(__name__, tracer_provider=tracer_provider)
+        self._provider = tracer_provider
         self._untraced = tuple(f"/{service}/" for service in untraced_services)
         # Wrapped handlers by method, reused while the inner handler is the same
         # object (it is, unless an inner interceptor wraps per call).
@@ -78,12 +84,12 @@ class ServingInterceptor(_ServerInterceptor):
         cached = self._wrapped.get(method)
         if cached is not None and cached[0] is handler:
             return cached[1]
-        tracer = None if method.startswith(self._untraced) else self._tracer
+        tracing = _NO_TRACE if method.startswith(self._untraced) else self._tracing()
         for kind, make_handler, guard in _HANDLER_KINDS:
             behavior = getattr(handler, kind)
             if behavior is not None:
                 wrapped: grpc.RpcMethodHandler[Any, Any] = make_handler(
-                    guard(behavior, method, tracer),
+                    guard(behavior, method, tracing),
                     request_deserializer=handler.request_deserializer,
                     response_serializer=handler.response_serializer,
                 )
@@ -91,16 +97,35 @@ class ServingInterceptor(_ServerInterceptor):
                 return wrapped
         return handler
 
+    def _tracing(self) -> _Tracing:
+        # Resolved at a method's first call, when the global provider is installed.
+        provider = self._provider or trace.get_tracer_provider()
+        return _Tracing(
+            trace.get_tracer(__name__, tracer_provider=provider), records_spans(provider)
+        )
+
+
+@dataclass(frozen=True)
+class _Tracing:
+    """How a method's calls are traced: ``tracer`` None for none at all."""
+
+    tracer: trace.Tracer | None
+    recording: bool
+
+
+_NO_TRACE: Final = _Tracing(None, recording=False)
+
 
 class _CallSpan:
     """A call's server span, made current for the handler, ended with its status."""
 
     def __init__(
-        self, tracer: trace.Tracer | None, method: str, context: grpc.aio.ServicerContext[Any, Any]
+        self, tracing: _Tracing, method: str, context: grpc.aio.ServicerContext[Any, Any]
     ) -> None:
         self.span: Span | None = None
         self._token: object = None
         self._failed = False
+        tracer = tracing.tracer
         if tracer is None:
             return
         carrier = {
@@ -109,6 +134,11 @@ class _CallSpan:
             if key in _PROPAGATED and isinstance(value, str)
         }
         parent = propagate.extract(carrier) if carrier else None
+        if not tracing.recording:
+            if parent is None or not trace.get_current_span(parent).get_span_context().is_valid:
+                parent = trace.set_span_in_context(_fresh_span())
+            self._token = otel_context.attach(parent)
+            return
         service, _, name = method[1:].partition("/")
         self.span = tracer.start_span(
             method,
@@ -125,15 +155,28 @@ class _CallSpan:
             self.span.set_status(Status(StatusCode.ERROR, f"{code.name}: {description}"))
 
     def end(self) -> None:
+        if self._token is not None:
+            # A stream's generator may be closed from another context than the
+            # one that attached: the span still ends, only the detach is moot there.
+            with contextlib.suppress(ValueError):
+                otel_context.detach(self._token)  # type: ignore[arg-type]
         if self.span is None:
             return
         if not self._failed:
             self.span.set_attribute("rpc.grpc.status_code", grpc.StatusCode.OK.value[0])
-        # A stream's generator may be closed from another context than the one
-        # that attached: the span still ends, only the detach is moot there.
-        with contextlib.suppress(ValueError):
-            otel_context.detach(self._token)  # type: ignore[arg-type]
         self.span.end()
+
+
+def _fresh_span() -> trace.Span:
+    """A new trace's non-recording span: its ids for logs and audit records."""
+    return trace.NonRecordingSpan(
+        trace.SpanContext(
+            trace_id=random.getrandbits(128),
+            span_id=random.getrandbits(64),
+            is_remote=False,
+            trace_flags=trace.TraceFlags(trace.TraceFlags.DEFAULT),
+        )
+    )
 
 
 async def abort_with_error(
@@ -148,10 +191,10 @@ async def abort_with_error(
 
 
 def _guard_unary(
-    behavior: Callable[..., Any], method: str, tracer: trace.Tracer | None
+    behavior: Callable[..., Any], method: str, tracing: _Tracing
 ) -> Callable[..., Any]:
     async def guarded(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-        call = _CallSpan(tracer, method, context)
+        call = _CallSpan(tracing, method, context)
         try:
             with serving_deadline(context.time_remaining()):
                 try:
@@ -166,12 +209,12 @@ def _guard_unary(
 
 
 def _guard_client_stream(
-    behavior: Callable[..., Any], method: str, tracer: trace.Tracer | None
+    behavior: Callable[..., Any], method: str, tracing: _Tracing
 ) -> Callable[..., Any]:
     """Like :func:`_guard_unary`, for handlers that read a request stream."""
 
     async def guarded(requests: AsyncIterator[Any], context: Any) -> Any:
-        call = _CallSpan(tracer, method, context)
+        call = _CallSpan(tracing, method, context)
         try:
             with serving_deadline(context.time_remaining()):
                 try:
@@ -199,16 +242,16 @@ async def _discard(requests: AsyncIterator[Any], *, limit_bytes: int) -> None:
 
 
 def _guard_stream(
-    behavior: Callable[..., Any], method: str, tracer: trace.Tracer | None
+    behavior: Callable[..., Any], method: str, tracing: _Tracing
 ) -> Callable[..., Any]:
     if not inspect.isasyncgenfunction(behavior):
         # A handler that writes with context.write() returns a coroutine.
-        return _guard_unary(behavior, method, tracer)
+        return _guard_unary(behavior, method, tracing)
 
     async def guarded(
         request: Any, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[Any]:
-        call = _CallSpan(tracer, method, context)
+        call = _CallSpan(tracing, method, context)
         try:
             with serving_deadline(context.time_remaining()):
                 try:

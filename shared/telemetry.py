@@ -53,8 +53,8 @@ def create_tracer_provider(
     elif settings.traces_file is not None:
         exporter = JsonLinesSpanExporter(settings.traces_file)
     # With nowhere to send spans, none is recorded: calls still get trace
-    # contexts (ids in logs, propagation downstream) without the cost of
-    # building spans nobody reads, on every inference.
+    # contexts (ids in logs and audit records, propagation downstream) without
+    # the cost of building spans nobody reads, on every inference.
     sampler = ParentBased(TraceIdRatioBased(settings.sample_ratio)) if exporter else ALWAYS_OFF
     provider = TracerProvider(
         resource=Resource.create({"service.name": f"conveyor-{service_name}"}),
@@ -63,6 +63,12 @@ def create_tracer_provider(
     if exporter is not None:
         provider.add_span_processor(BatchSpanProcessor(exporter))
     return provider
+
+
+def records_spans(provider: trace.TracerProvider) -> bool:
+    """Whether spans from ``provider`` can be recorded at all (not when it was
+    made with nowhere to export them)."""
+    return getattr(provider, "sampler", None) is not ALWAYS_OFF
 
 
 def install_tracer_provider(provider: TracerProvider) -> None:

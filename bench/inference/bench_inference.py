@@ -148,8 +148,8 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--mlp-batching",
         default="64:0",
-        help="Conveyor's MLP batching as MAX:DELAY_US; several, comma-separated, are "
-        "deployed side by side (the first is the one judged against the targets)",
+        help="Conveyor's MLP batching as MAX:DELAY_US[:INSTANCES]; several, comma-separated, "
+        "are deployed side by side (the first is the one judged against the targets)",
     )
     parser.add_argument("--resnet-batching", default="32:0", help="as --mlp-batching")
     parser.add_argument("--interval-ms", type=int, default=1500, help="perf_analyzer window")

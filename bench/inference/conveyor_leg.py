@@ -57,16 +57,19 @@ READY_TIMEOUT_S = 180.0
 class Batching:
     max_batch_size: int
     max_queue_delay_us: int
+    instance_count: int = 0
+    """Model instances computing batches in parallel; 0: the server's default (1)."""
 
     @classmethod
     def parse(cls, text: str) -> Batching:
-        """``MAX:DELAY_US``, e.g. ``64:200``."""
-        size, delay = text.split(":")
-        return cls(int(size), int(delay))
+        """``MAX:DELAY_US[:INSTANCES]``, e.g. ``64:200`` or ``32:0:2``."""
+        size, delay, *instances = text.split(":")
+        return cls(int(size), int(delay), int(instances[0]) if instances else 0)
 
     @property
     def label(self) -> str:
-        return f"b{self.max_batch_size}-d{self.max_queue_delay_us}"
+        label = f"b{self.max_batch_size}-d{self.max_queue_delay_us}"
+        return f"{label}-i{self.instance_count}" if self.instance_count else label
 
 
 @dataclass(frozen=True)
@@ -232,6 +235,9 @@ async def _deploy(
                     batching=inference_pb.BatchingConfig(
                         max_batch_size=deployment.batching.max_batch_size,
                         max_queue_delay=delay,
+                    ),
+                    runtime=inference_pb.RuntimeConfig(
+                        instance_count=deployment.batching.instance_count
                     ),
                     prediction_log_sample_rate=prediction_log_rate,
                 )

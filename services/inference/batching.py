@@ -26,7 +26,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -66,8 +66,7 @@ class BatchStatistics:
     """How long the batches of each number of rows computed, summed."""
 
 
-@dataclass(frozen=True)
-class BatchTiming:
+class BatchTiming(NamedTuple):
     """When one request queued, and when the batch that computed it ran
     (on the batcher's clock), and that batch's rows."""
 
@@ -161,6 +160,31 @@ class DynamicBatcher:
                 reason="QUEUE_FULL",
                 metadata={"max_queue_size": str(self.max_queue_size)},
             )
+        if (
+            not self._queue
+            and self._running < self._max_running
+            and (self._delay_s <= 0 or rows >= self.max_batch_size)
+        ):
+            # Nothing waits and an instance is free: compute in this call. Going
+            # through the queue and the scheduler task would only add event-loop
+            # hops; requests that arrive meanwhile queue and leave as the next,
+            # fuller batch.
+            self._running += 1
+            try:
+                started = self._clock()
+                try:
+                    outputs = await self._compute(dict(inputs))
+                except Exception:
+                    self.statistics.failed += 1
+                    raise
+                finished = self._clock()
+                self._count(rows, [started - now], started, finished)
+                return outputs, BatchTiming(now, started, finished, rows)
+            finally:
+                self._running -= 1
+                if self._queue:
+                    self._ensure_running()
+                    self._wake.set()
         pending = _Pending(
             inputs=dict(inputs),
             rows=rows,
@@ -169,23 +193,6 @@ class DynamicBatcher:
             arrived=now,
             answer=asyncio.get_running_loop().create_future(),
         )
-        if (
-            not self._queue
-            and self._running < self._max_running
-            and (self._delay_s <= 0 or rows >= self.max_batch_size)
-        ):
-            # Nothing waits and an instance is free: compute in this call. Going
-            # through the scheduler task would only add event-loop hops; requests
-            # that arrive meanwhile queue and leave as the next, fuller batch.
-            self._running += 1
-            try:
-                await self._execute([pending])
-            finally:
-                self._running -= 1
-                if self._queue:
-                    self._ensure_running()
-                    self._wake.set()
-            return pending.answer.result()
         self._queue.append(pending)
         self._ensure_running()
         self._wake.set()
@@ -295,26 +302,30 @@ class DynamicBatcher:
             return
         finished = self._clock()
         rows = sum(p.rows for p in batch)
-        stats = self.statistics
-        stats.executions += 1
-        stats.requests += len(batch)
-        stats.rows += rows
-        stats.batch_sizes[rows] = stats.batch_sizes.get(rows, 0) + 1
-        stats.batch_compute_ns[rows] = stats.batch_compute_ns.get(rows, 0) + int(
-            (finished - started) * 1e9
-        )
-        if self._on_batch is not None:
-            self._on_batch(rows, [started - p.arrived for p in batch], finished - started)
+        self._count(rows, [started - p.arrived for p in batch], started, finished)
         offset = 0
         for pending in batch:
-            stats.queue_ns += int((started - pending.arrived) * 1e9)
-            stats.compute_ns += int((finished - started) * 1e9)
             part = {name: array[offset : offset + pending.rows] for name, array in outputs.items()}
             offset += pending.rows
             if not pending.answer.done():
                 pending.answer.set_result(
                     (part, BatchTiming(pending.arrived, started, finished, rows))
                 )
+
+    def _count(self, rows: int, waits: list[float], started: float, finished: float) -> None:
+        """The statistics and the observer of one computed batch (``waits``: one
+        per request in it)."""
+        stats = self.statistics
+        compute_ns = int((finished - started) * 1e9)
+        stats.executions += 1
+        stats.requests += len(waits)
+        stats.rows += rows
+        stats.batch_sizes[rows] = stats.batch_sizes.get(rows, 0) + 1
+        stats.batch_compute_ns[rows] = stats.batch_compute_ns.get(rows, 0) + compute_ns
+        stats.queue_ns += int(sum(waits) * 1e9)
+        stats.compute_ns += compute_ns * len(waits)
+        if self._on_batch is not None:
+            self._on_batch(rows, waits, finished - started)
 
 
 def _rows(inputs: Arrays) -> int:

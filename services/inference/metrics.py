@@ -44,7 +44,7 @@ import logging
 import os
 import socket
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from socketserver import ThreadingMixIn
 from typing import Any, Final
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
@@ -190,7 +190,6 @@ class InferenceMetrics:
         # Labelled series looked up once: the serving path observes several
         # per request, and a label lookup costs as much as the observation.
         self._request_series: dict[tuple[str, str, str], tuple[Any, Any]] = {}
-        self._batch_series: dict[tuple[str, str], tuple[Any, Any, Any]] = {}
         self._lock = threading.Lock()
         if directory is not None:
             MultiProcessCollector(self.registry, path=directory)  # type: ignore[no-untyped-call]
@@ -219,30 +218,24 @@ class InferenceMetrics:
         if series[1] is not None:
             series[1].observe(latency_s)
 
-    def observe_batch(
-        self,
-        model: str,
-        version: str | int,
-        size: int,
-        queue_s: float | Sequence[float],
-        compute_s: float,
-    ) -> None:
-        """Counts one computed batch of ``size`` rows: ``queue_s`` is how long
-        its requests waited (one value per request, or one for the batch)."""
+    def batch_observer(
+        self, model: str, version: str | int
+    ) -> Callable[[int, Sequence[float], float], None]:
+        """What counts each batch ``version`` of ``model`` computes: its rows,
+        how long each of its requests waited, how long it computed (seconds).
+        The labelled series are looked up once, here."""
         labels = (model, str(version))
-        series = self._batch_series.get(labels)
-        if series is None:
-            series = (
-                self._batch_size.labels(*labels),
-                self._compute.labels(*labels),
-                self._queue_wait.labels(*labels),
-            )
-            self._batch_series[labels] = series
-        batch_size, compute, waits = series
-        batch_size.observe(size)
-        compute.observe(compute_s)
-        for wait in queue_s if isinstance(queue_s, Sequence) else (queue_s,):
-            waits.observe(wait)
+        batch_size = self._batch_size.labels(*labels)
+        compute = self._compute.labels(*labels)
+        queue_wait = self._queue_wait.labels(*labels)
+
+        def observe(rows: int, waits: Sequence[float], compute_s: float) -> None:
+            batch_size.observe(rows)
+            compute.observe(compute_s)
+            for wait in waits:
+                queue_wait.observe(wait)
+
+        return observe
 
     def set_queue_depth(self, model: str, version: str | int, depth: int) -> None:
         """Requests waiting now in the version's batch queue."""
@@ -257,7 +250,6 @@ class InferenceMetrics:
         labels = (model, str(version))
         for key in [k for k in self._request_series if k[:2] == labels]:
             del self._request_series[key]
-        self._batch_series.pop(labels, None)
         if self.multiprocess:
             self._queue_depth.labels(*labels).set(0)
             return

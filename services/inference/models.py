@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, Final
 
 import numpy as np
@@ -134,13 +135,17 @@ class ServedModel:
                 batch[spec.name] = np.zeros(shape, dtype=DTYPES[spec.datatype])
         return batch
 
+    @cached_property
+    def _output_names(self) -> list[str]:
+        return [spec.name for spec in self.outputs]
+
     def run(
         self, inputs: Mapping[str, npt.NDArray[Any]], outputs: Sequence[str] = ()
     ) -> dict[str, npt.NDArray[Any]]:
         """The named outputs (all when ``outputs`` is empty) for ``inputs``."""
-        wanted = list(outputs) or [spec.name for spec in self.outputs]
-        results = self.session.run(wanted, dict(inputs))
-        return {name: np.asarray(value) for name, value in zip(wanted, results, strict=True)}
+        wanted = list(outputs) or self._output_names
+        results = self.session.run(wanted, inputs)
+        return dict(zip(wanted, results, strict=True))
 
 
 def _spec(node: Any) -> TensorSpec:

@@ -20,9 +20,8 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 import grpc
 import numpy.typing as npt
@@ -43,13 +42,7 @@ from conveyor.services.inference.metrics import InferenceMetrics
 from conveyor.services.inference.prediction_log import PredictionLog, records_for
 from conveyor.services.inference.repository import ModelRepository
 from conveyor.services.inference.routing import Route
-from conveyor.services.inference.tensors import (
-    as_text,
-    check_finite,
-    check_signature,
-    decode_inputs,
-    encode_outputs,
-)
+from conveyor.services.inference.tensors import decode_request, encode_outputs
 from conveyor.services.inference.versions import LoadedVersion, requested
 from conveyor.shared.auth.principal import caller_principal
 from conveyor.shared.errors import (
@@ -75,8 +68,7 @@ EXTENSIONS: Final = (
 MAX_INDEXED_MODELS: Final = 1000
 
 
-@dataclass(frozen=True)
-class _Served:
+class _Served(NamedTuple):
     """One answered request, for the bookkeeping after the response."""
 
     runtime: DeploymentRuntime
@@ -255,7 +247,9 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
     async def ModelInfer(
         self, request: oip.ModelInferRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> oip.ModelInferResponse:
-        return await self._infer(request, context.time_remaining(), caller_principal(context))
+        response = oip.ModelInferResponse()
+        await self._infer(request, context, response)
+        return response
 
     async def ModelStreamInfer(
         self,
@@ -265,13 +259,13 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         """Requests of one stream run concurrently (they batch together);
         answers go back as they finish, each naming its request id."""
         answers: asyncio.Queue[oip.ModelStreamInferResponse | None] = asyncio.Queue()
-        principal = caller_principal(context)
         running: set[asyncio.Task[None]] = set()
 
         async def answer(request: oip.ModelInferRequest) -> None:
             try:
-                response = await self._infer(request, context.time_remaining(), principal)
-                answers.put_nowait(oip.ModelStreamInferResponse(infer_response=response))
+                answered = oip.ModelStreamInferResponse()
+                await self._infer(request, context, answered.infer_response)
+                answers.put_nowait(answered)
             except ConveyorError as error:
                 answers.put_nowait(_stream_error(request, error.code, error.message))
             except Exception:
@@ -282,6 +276,10 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
 
         async def read() -> None:
             async for request in request_iterator:
+                if self._answers_at_once(request):
+                    # Nothing to wait for: a task would only add event-loop hops.
+                    await answer(request)
+                    continue
                 task = asyncio.ensure_future(answer(request))
                 running.add(task)
                 task.add_done_callback(running.discard)
@@ -301,9 +299,20 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await reader
 
+    def _answers_at_once(self, request: oip.ModelInferRequest) -> bool:
+        """Whether ``request`` is answered without waiting: every version of its
+        model's split computes on the event loop, unbatched."""
+        runtime = self._repository.runtimes.get(request.model_name)
+        route = runtime.route if runtime is not None and not request.model_version else None
+        return route is not None and all(v.answers_at_once for v, _ in route.targets)
+
     async def _infer(
-        self, request: oip.ModelInferRequest, time_remaining: float | None, principal: str
-    ) -> oip.ModelInferResponse:
+        self,
+        request: oip.ModelInferRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+        response: oip.ModelInferResponse,
+    ) -> None:
+        """Answers ``request`` into ``response``."""
         received_ns = time.perf_counter_ns()
         if not request.model_name:
             raise invalid_field("model_name", "required")
@@ -311,13 +320,13 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         runtime = self._repository.runtimes.get(model_id)
         if runtime is None:
             runtime = await self._repository.ensure(
-                _model_id(model_id, field="model_name"), created_by=principal
+                _model_id(model_id, field="model_name"), created_by=caller_principal(context)
             )
         if not runtime.first_load.is_set():
             # A deployment's first load: wait for it (within the call's deadline)
             # rather than refuse a request that is only early.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(runtime.first_load.wait(), time_remaining)
+                await asyncio.wait_for(runtime.first_load.wait(), context.time_remaining())
         # Requests that name their version are not part of the split: no shadow copy.
         route = None if request.model_version else runtime.route
         if request.model_version:
@@ -325,12 +334,9 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         else:
             version = runtime.pick(request.id)
         try:
-            inputs = decode_inputs(request)
-            check_signature(inputs, {t.name: t.datatype for t in request.inputs}, version.inputs)
-            check_finite(inputs)
-            as_text(inputs)
-            wanted = _requested_outputs(request, version)
-            deadline = _deadline(request, time_remaining)
+            inputs = decode_request(request, version.inputs)
+            wanted = _requested_outputs(request, version) if request.outputs else ()
+            deadline = _deadline(request, context.time_remaining())
             decoded_ns = time.perf_counter_ns()
             outputs, timing = await version.infer(inputs, deadline=deadline)
             encoded_started = time.perf_counter_ns()
@@ -338,14 +344,10 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
             raw = bool(request.raw_input_contents) or any(
                 array.dtype.kind == "f" and array.dtype.itemsize == 2 for _, array in selected
             )
-            tensors, blobs = encode_outputs(selected, raw=raw)
-            response = oip.ModelInferResponse(
-                model_name=model_id,
-                model_version=version.number,
-                id=request.id,
-                outputs=[oip.ModelInferResponse.InferOutputTensor(**t) for t in tensors],
-                raw_output_contents=blobs,
-            )
+            response.model_name = model_id
+            response.model_version = version.number
+            response.id = request.id
+            encode_outputs(response, selected, raw=raw)
         except ConveyorError as error:
             self._failed(runtime, version, request.id, error, received_ns)
             raise
@@ -363,7 +365,6 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
             _Served(runtime, route, version, request.id, inputs, outputs, timing, received_ns),
             finished_ns,
         )
-        return response
 
     def _failed(
         self,

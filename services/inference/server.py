@@ -53,7 +53,12 @@ from conveyor.services.inference.registry_source import RegistrySource
 from conveyor.services.inference.repository import ModelRepository
 from conveyor.services.inference.settings import InferenceSettings
 from conveyor.services.inference.store import DeploymentStore
-from conveyor.services.inference.versions import LoadedVersion, Observers, ShadowListener
+from conveyor.services.inference.versions import (
+    BatchObserver,
+    LoadedVersion,
+    Observers,
+    ShadowListener,
+)
 from conveyor.shared.artifacts import ArtifactCache
 from conveyor.shared.auth.credentials import server_auth_interceptors, service_channel
 from conveyor.shared.auth.interceptor import AuthInterceptor, ResourceResolver, default_resource
@@ -350,13 +355,11 @@ def _count_log_outcomes(metrics: InferenceMetrics) -> Observe:
     return observe
 
 
-def _batch_observer(
-    metrics: InferenceMetrics,
-) -> Callable[[LoadedVersion, int, list[float], float], None]:
-    def observe(version: LoadedVersion, rows: int, waits: list[float], compute_s: float) -> None:
-        metrics.observe_batch(version.name.split("/")[1], version.number, rows, waits, compute_s)
+def _batch_observer(metrics: InferenceMetrics) -> Callable[[LoadedVersion], BatchObserver]:
+    def observer_of(version: LoadedVersion) -> BatchObserver:
+        return metrics.batch_observer(version.name.split("/")[1], version.number)
 
-    return observe
+    return observer_of
 
 
 def _shadow_listener(metrics: InferenceMetrics, log: PredictionLog) -> ShadowListener:

@@ -11,8 +11,10 @@ FP16 travels raw only, as the protocol has no typed field for it.
 the shape, typed values of the wrong count or out of the datatype's range,
 duplicate names, raw and typed mixed) and raises one INVALID_ARGUMENT whose
 field violations name each bad tensor. :func:`check_signature` then checks the
-arrays against what the model takes. :func:`encode_outputs` writes results
-raw or typed.
+arrays against what the model takes, :func:`check_finite` their values.
+:func:`decode_request` is what serving calls: all of that, with a short path
+for the usual request (raw numeric inputs that fit, in the model's order).
+:func:`encode_outputs` writes results raw or typed.
 """
 
 from __future__ import annotations
@@ -61,11 +63,23 @@ TYPED_FIELDS: Final[Mapping[str, str]] = {
 }
 """The ``InferTensorContents`` field of each datatype; FP16 has none (raw only)."""
 
+_NUMERIC: Final[Mapping[str, np.dtype[Any]]] = {
+    name: dtype for name, dtype in DTYPES.items() if name != "BYTES"
+}
+
 _LENGTH_PREFIX: Final = struct.Struct("<I")
+
+
+_DATATYPES_BY_DTYPE: Final[Mapping[np.dtype[Any], str]] = {
+    dtype: name for name, dtype in DTYPES.items() if name != "BYTES"
+}
 
 
 def datatype_of(dtype: np.dtype[Any]) -> str:
     """The OIP datatype of arrays of ``dtype``."""
+    exact = _DATATYPES_BY_DTYPE.get(dtype)
+    if exact is not None:
+        return exact
     if dtype.kind in ("O", "S", "U"):
         return "BYTES"
     for name, known in DTYPES.items():
@@ -82,6 +96,44 @@ class TensorSpec:
     name: str
     datatype: str
     shape: tuple[int, ...]
+
+
+def decode_request(request: Any, expected: Sequence[TensorSpec]) -> dict[str, npt.NDArray[Any]]:
+    """The request's inputs as arrays the model ``expected`` takes, checked as
+    :func:`decode_inputs`, :func:`check_signature` and :func:`check_finite`
+    check them (BYTES turned to text as :func:`as_text` does).
+
+    Most requests carry raw numeric inputs that fit, in the model's order:
+    those are taken in one pass. Anything else, and anything wrong, goes
+    through the separate checks, which name every violation."""
+    raw = request.raw_input_contents
+    tensors = request.inputs
+    if raw and len(raw) == len(tensors) == len(expected):
+        arrays: dict[str, npt.NDArray[Any]] = {}
+        for tensor, data, spec in zip(tensors, raw, expected, strict=True):
+            dtype = _NUMERIC.get(tensor.datatype)
+            shape = tuple(tensor.shape)
+            if (
+                dtype is None
+                or tensor.name != spec.name
+                or tensor.datatype != spec.datatype
+                or tensor.HasField("contents")
+                or not shape_fits(shape, spec.shape)
+                or min(shape, default=0) < 0
+                or len(data) != math.prod(shape) * dtype.itemsize
+            ):
+                break
+            array = np.frombuffer(data, dtype=dtype).reshape(shape)
+            if dtype.kind == "f" and not np.isfinite(array).all():
+                break
+            arrays[spec.name] = array
+        else:
+            return arrays
+    arrays = decode_inputs(request)
+    check_signature(arrays, {t.name: t.datatype for t in tensors}, expected)
+    check_finite(arrays)
+    as_text(arrays)
+    return arrays
 
 
 def decode_inputs(request: Any) -> dict[str, npt.NDArray[Any]]:
@@ -221,33 +273,23 @@ def shape_fits(shape: Sequence[int], allowed: Sequence[int]) -> bool:
 
 
 def encode_outputs(
-    outputs: Sequence[tuple[str, npt.NDArray[Any]]], *, raw: bool
-) -> tuple[list[dict[str, Any]], list[bytes]]:
-    """The response's outputs: per tensor its name, datatype, shape and, when
-    not ``raw``, its typed contents (as keyword arguments for
-    ``InferOutputTensor``); with ``raw``, the bytes for ``raw_output_contents``.
-    FP16 outputs need ``raw``."""
-    tensors: list[dict[str, Any]] = []
-    blobs: list[bytes] = []
+    response: Any, outputs: Sequence[tuple[str, npt.NDArray[Any]]], *, raw: bool
+) -> None:
+    """Append ``outputs`` to ``response`` (a ``ModelInferResponse``): per
+    tensor its name, datatype and shape, and its values in
+    ``raw_output_contents`` when ``raw``, else in its typed contents. FP16
+    outputs need ``raw``."""
     for name, array in outputs:
         datatype = datatype_of(array.dtype)
-        described: dict[str, Any] = {
-            "name": name,
-            "datatype": datatype,
-            "shape": list(array.shape),
-        }
+        if not raw and datatype == "FP16":
+            raise ValueError(f"{name}: FP16 outputs travel in raw_output_contents only")
+        tensor = response.outputs.add(name=name, datatype=datatype, shape=array.shape)
         if raw:
-            blobs.append(_to_raw(array, datatype))
-        else:
-            if datatype == "FP16":
-                raise ValueError(f"{name}: FP16 outputs travel in raw_output_contents only")
-            values = array.reshape(-1)
-            if datatype == "BYTES":
-                described["contents"] = {TYPED_FIELDS[datatype]: [_as_bytes(v) for v in values]}
-            else:
-                described["contents"] = {TYPED_FIELDS[datatype]: values.tolist()}
-        tensors.append(described)
-    return tensors, blobs
+            response.raw_output_contents.append(_to_raw(array, datatype))
+            continue
+        values = array.reshape(-1)
+        typed = getattr(tensor.contents, TYPED_FIELDS[datatype])
+        typed.extend([_as_bytes(v) for v in values] if datatype == "BYTES" else values.tolist())
 
 
 # -- decoding -------------------------------------------------------------------------

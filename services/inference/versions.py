@@ -55,7 +55,7 @@ INLINE_COMPUTE_S: Final = 0.0002
 event loop: handing it to a thread and back costs more than the compute."""
 
 Arrays = dict[str, npt.NDArray[Any]]
-BatchObserver = Callable[["LoadedVersion", int, list[float], float], None]
+BatchObserver = Callable[[int, list[float], float], None]
 """Told of each batch a version computed: rows, each request's wait, compute seconds."""
 ShadowListener = Callable[["LoadedVersion", Arrays, Arrays, str, bool], None]
 """Told of each shadow answer: its version, inputs, outputs, request id, and
@@ -68,7 +68,8 @@ ArtifactFetcher = Callable[[str], Awaitable[Path]]
 class Observers:
     """Who hears about the work versions do (metrics, the prediction log)."""
 
-    on_batch: BatchObserver | None = None
+    on_batch: Callable[[LoadedVersion], BatchObserver] | None = None
+    """Gives each version the observer of its batches."""
     on_shadow: ShadowListener | None = None
 
 
@@ -120,6 +121,8 @@ class LoadedVersion:
 
     name: str
     """``models/{model}/versions/{version}``."""
+    number: str = field(init=False)
+    """The version number, as the Open Inference Protocol names versions."""
     target: str
     """The reference that selected it; empty for on-demand versions."""
     role: pb.VersionRole.ValueType
@@ -141,10 +144,8 @@ class LoadedVersion:
     _executor: ThreadPoolExecutor | None = None
     _drained: asyncio.Event = field(default_factory=asyncio.Event)
 
-    @property
-    def number(self) -> str:
-        """The version number, as the Open Inference Protocol names versions."""
-        return self.name.rsplit("/", 1)[1]
+    def __post_init__(self) -> None:
+        self.number = self.name.rsplit("/", 1)[1]
 
     @property
     def inputs(self) -> tuple[TensorSpec, ...]:
@@ -165,6 +166,12 @@ class LoadedVersion:
         if self.options.provider == onnx_runtime.CUDA:
             return pb.EXECUTION_PROVIDER_CUDA
         return pb.EXECUTION_PROVIDER_CPU
+
+    @property
+    def answers_at_once(self) -> bool:
+        """Whether a request computes as soon as it arrives, on the event loop,
+        never waiting (a model small enough to run inline, unbatched)."""
+        return self.inline and self.options.max_queue_delay <= timedelta(0)
 
     @property
     def ready(self) -> bool:
@@ -206,11 +213,12 @@ class LoadedVersion:
         self.batcher = None
 
     async def _compute(self, inputs: Arrays) -> Arrays:
+        if self.inline:
+            # On the event loop nothing else runs meanwhile: no instance to wait for.
+            return self.instances[0].run(inputs)
         assert self._free is not None
         instance = await self._free.get()
         try:
-            if self.inline:
-                return instance.run(inputs)
             loop = asyncio.get_running_loop()
             return await loop.run_in_executor(self._executor, instance.run, inputs)
         finally:
@@ -277,7 +285,7 @@ async def load_version(
         max_queue_delay=options.max_queue_delay,
         max_queue_size=options.max_queue_size,
         max_concurrent_batches=len(version.instances),
-        on_batch=_observing(version, observers.on_batch),
+        on_batch=observers.on_batch(version) if observers.on_batch is not None else None,
     )
     version.state = pb.VERSION_STATE_READY
     version.ready_time = datetime.now(UTC)
@@ -292,14 +300,6 @@ async def load_version(
         },
     )
     return version
-
-
-def _observing(
-    version: LoadedVersion, observer: BatchObserver | None
-) -> Callable[[int, list[float], float], None] | None:
-    if observer is None:
-        return None
-    return lambda rows, waits, compute_s: observer(version, rows, waits, compute_s)
 
 
 def check_servable(registered: registry_pb.ModelVersion) -> None:

@@ -69,8 +69,9 @@ def test_observations_are_scraped_with_their_counts_sums_and_buckets(
     metrics.observe_request("churn", 3, grpc.StatusCode.OK, 0.0002)
     metrics.observe_request("churn", 3, grpc.StatusCode.OK, 0.003)
     metrics.observe_request("churn", 3, grpc.StatusCode.RESOURCE_EXHAUSTED, 0.00001)
-    metrics.observe_batch("churn", 3, size=5, queue_s=[0.001, 0.002], compute_s=0.004)
-    metrics.observe_batch("churn", 3, size=1, queue_s=0.5, compute_s=0.02)
+    observe_batch = metrics.batch_observer("churn", 3)
+    observe_batch(5, [0.001, 0.002], 0.004)
+    observe_batch(1, [0.5], 0.02)
     metrics.set_queue_depth("churn", 3, 7)
     metrics.set_loaded("churn", "READY", 2)
     metrics.set_loaded("churn", "LOADING", 1)
@@ -123,7 +124,7 @@ def test_an_unloaded_versions_series_are_removed(
     for version in (3, 4):
         metrics.observe_request("churn", version, grpc.StatusCode.OK, 0.001)
         metrics.observe_request("churn", version, grpc.StatusCode.INTERNAL, 0.001)
-        metrics.observe_batch("churn", version, size=2, queue_s=0.001, compute_s=0.002)
+        metrics.batch_observer("churn", version)(2, [0.001], 0.002)
         metrics.set_queue_depth("churn", version, 1)
 
     metrics.remove_version("churn", 3)
@@ -221,7 +222,7 @@ WRITER = textwrap.dedent(
     requests = int(sys.argv[1])
     for _ in range(requests):
         metrics.observe_request("churn", 3, grpc.StatusCode.OK, 0.001)
-    metrics.observe_batch("churn", 3, size=requests, queue_s=0.001, compute_s=0.002)
+    metrics.batch_observer("churn", 3)(requests, [0.001], 0.002)
     metrics.set_queue_depth("churn", 3, requests)
     metrics.set_loaded("churn", "READY", 1)
     if sys.argv[2:] == ["unload"]:

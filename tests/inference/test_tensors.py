@@ -32,16 +32,15 @@ SAMPLES: dict[str, np.ndarray[Any, Any]] = {
 
 
 def request_of(arrays: dict[str, np.ndarray[Any, Any]], *, raw: bool) -> oip.ModelInferRequest:
+    """The request whose inputs are ``arrays``, written as outputs are."""
+    encoded = oip.ModelInferResponse()
+    tensors.encode_outputs(encoded, list(arrays.items()), raw=raw)
     request = oip.ModelInferRequest(model_name="m")
-    described, blobs = tensors.encode_outputs(list(arrays.items()), raw=raw)
-    for tensor in described:
-        entry = request.inputs.add(
-            name=tensor["name"], datatype=tensor["datatype"], shape=tensor["shape"]
-        )
-        if "contents" in tensor:
-            for field, values in tensor["contents"].items():
-                getattr(entry.contents, field).extend(values)
-    request.raw_input_contents.extend(blobs)
+    for output in encoded.outputs:
+        entry = request.inputs.add(name=output.name, datatype=output.datatype, shape=output.shape)
+        if output.HasField("contents"):
+            entry.contents.CopyFrom(output.contents)
+    request.raw_input_contents.extend(encoded.raw_output_contents)
     return request
 
 
@@ -65,15 +64,86 @@ def test_every_datatype_round_trips(datatype: str, raw: bool) -> None:
 
 
 def test_raw_bytes_are_little_endian_and_bytes_are_length_prefixed() -> None:
-    _, [blob] = tensors.encode_outputs([("x", np.array([1], dtype=np.int32))], raw=True)
-    assert blob == b"\x01\x00\x00\x00"
-    _, [text] = tensors.encode_outputs([("s", np.array([b"ab"], dtype=np.object_))], raw=True)
-    assert text == b"\x02\x00\x00\x00ab"
+    response = oip.ModelInferResponse()
+    tensors.encode_outputs(response, [("x", np.array([1], dtype=np.int32))], raw=True)
+    tensors.encode_outputs(response, [("s", np.array([b"ab"], dtype=np.object_))], raw=True)
+    assert list(response.raw_output_contents) == [b"\x01\x00\x00\x00", b"\x02\x00\x00\x00ab"]
+    assert [(o.name, o.datatype, list(o.shape)) for o in response.outputs] == [
+        ("x", "INT32", [1]),
+        ("s", "BYTES", [1]),
+    ]
 
 
 def test_fp16_outputs_need_raw() -> None:
+    response = oip.ModelInferResponse()
     with pytest.raises(ValueError, match="raw_output_contents only"):
-        tensors.encode_outputs([("y", np.zeros(2, dtype=np.float16))], raw=False)
+        tensors.encode_outputs(response, [("y", np.zeros(2, dtype=np.float16))], raw=False)
+    assert not response.outputs
+
+
+MODEL_INPUTS = [TensorSpec("a", "FP32", (-1, 3)), TensorSpec("b", "INT64", (-1,))]
+
+
+def two_inputs(*, raw: bool = True) -> oip.ModelInferRequest:
+    return request_of(
+        {
+            "a": np.array([[1.5, -2.0, 3.25], [0.0, 1.0, 2.0]], dtype=np.float32),
+            "b": np.array([7, -9], dtype=np.int64),
+        },
+        raw=raw,
+    )
+
+
+@pytest.mark.parametrize("raw", [True, False])
+def test_decode_request_gives_the_arrays_the_separate_steps_give(raw: bool) -> None:
+    request = two_inputs(raw=raw)
+    decoded = tensors.decode_request(request, MODEL_INPUTS)
+    stepwise = tensors.decode_inputs(request)
+    assert decoded.keys() == stepwise.keys() == {"a", "b"}
+    for name, array in decoded.items():
+        assert array.dtype == stepwise[name].dtype
+        assert array.tolist() == stepwise[name].tolist()
+    # Inputs in another order than the model's take the long way, to the same arrays.
+    swapped = oip.ModelInferRequest(model_name="m")
+    swapped.inputs.extend([request.inputs[1], request.inputs[0]])
+    swapped.raw_input_contents.extend(reversed(request.raw_input_contents))
+    assert tensors.decode_request(swapped, MODEL_INPUTS)["b"].tolist() == [7, -9]
+
+
+def refusal(request: oip.ModelInferRequest) -> list[str]:
+    with pytest.raises(InvalidArgumentError) as refused:
+        tensors.decode_request(request, MODEL_INPUTS)
+    return [v.description for v in refused.value.violations]
+
+
+def test_decode_request_refuses_what_the_separate_checks_refuse() -> None:
+    wrong_type = two_inputs()
+    wrong_type.inputs[1].datatype = "INT32"
+    wrong_type.raw_input_contents[1] = np.array([7, -9], dtype=np.int32).tobytes()
+    assert refusal(wrong_type) == ["b: datatype INT32, the model takes INT64"]
+    wrong_shape = two_inputs()
+    wrong_shape.inputs[0].shape[:] = [3, 2]
+    assert refusal(wrong_shape) == ["a: shape [3, 2], the model takes [-1, 3] (-1: any size)"]
+    negative = two_inputs()
+    negative.inputs[1].shape[:] = [-1]
+    assert refusal(negative) == ["b: dimensions are sizes, at least 0"]
+    short = two_inputs()
+    short.raw_input_contents[0] = short.raw_input_contents[0][:-4]
+    assert "raw contents are 20 bytes; shape [2, 3] of FP32 needs 24" in refusal(short)[0]
+    renamed = two_inputs()
+    renamed.inputs[1].name = "c"
+    assert refusal(renamed) == [
+        "c: the model has no such input (it takes a, b)",
+        "b: required by the model",
+    ]
+    for bad in (np.nan, np.inf, -np.inf):
+        values = np.array([[1.0, bad, 0.0], [0.0, 0.0, 0.0]], dtype=np.float32)
+        poisoned = two_inputs()
+        poisoned.raw_input_contents[0] = values.tobytes()
+        assert refusal(poisoned) == [
+            "a: 1 NaN or infinite values (first at index [0, 1]); "
+            "the model takes finite numbers only"
+        ]
 
 
 def test_malformed_requests_name_each_tensor() -> None:
