@@ -9,21 +9,28 @@ call's timeout at what remains, so work never outlives the caller's patience.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from contextvars import ContextVar
+from contextvars import ContextVar, Token
 
 _deadline: ContextVar[float | None] = ContextVar("conveyor_deadline", default=None)
 
 
-@contextmanager
-def serving_deadline(time_remaining: float | None) -> Iterator[None]:
-    """Within this block, outgoing calls finish within ``time_remaining`` seconds."""
-    token = _deadline.set(None if time_remaining is None else time.monotonic() + time_remaining)
-    try:
-        yield
-    finally:
-        _deadline.reset(token)
+class serving_deadline:  # noqa: N801 - used as a function: ``with serving_deadline(t):``
+    """Within this block, outgoing calls finish within ``time_remaining`` seconds.
+
+    A class rather than a generator-based context manager: every served call
+    enters one, and this costs a fraction of that."""
+
+    __slots__ = ("_deadline", "_token")
+    _token: Token[float | None]
+
+    def __init__(self, time_remaining: float | None) -> None:
+        self._deadline = None if time_remaining is None else time.monotonic() + time_remaining
+
+    def __enter__(self) -> None:
+        self._token = _deadline.set(self._deadline)
+
+    def __exit__(self, *exc_info: object) -> None:
+        _deadline.reset(self._token)
 
 
 def remaining() -> float | None:

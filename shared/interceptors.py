@@ -9,7 +9,9 @@
   it. Methods of the untraced services (health checks) get none. Where the
   tracer provider records nothing (no exporter configured), the call still
   runs in a trace context — the caller's, or a fresh non-recording one — so
-  logs and audit records carry trace ids, without the cost of a span.
+  logs and audit records carry trace ids, without the cost of a span. Services
+  named in ``caller_trace_only_services`` (a data plane, where that fresh id
+  would cost more than a small model's inference) get the caller's only.
 - **Deadlines**: the call's deadline is recorded for
   :mod:`conveyor.shared.deadlines`, so calls made while serving inherit it.
 - **Errors**: the one place where exceptions become gRPC statuses: a
@@ -67,9 +69,11 @@ class ServingInterceptor(_ServerInterceptor):
         tracer_provider: trace.TracerProvider | None = None,
         *,
         untraced_services: Iterable[str] = (),
+        caller_trace_only_services: Iterable[str] = (),
     ) -> None:
         self._provider = tracer_provider
         self._untraced = tuple(f"/{service}/" for service in untraced_services)
+        self._caller_trace_only = tuple(f"/{service}/" for service in caller_trace_only_services)
         # Wrapped handlers by method, reused while the inner handler is the same
         # object (it is, unless an inner interceptor wraps per call).
         self._wrapped: dict[str, tuple[object, grpc.RpcMethodHandler[Any, Any]]] = {}
@@ -84,7 +88,7 @@ class ServingInterceptor(_ServerInterceptor):
         cached = self._wrapped.get(method)
         if cached is not None and cached[0] is handler:
             return cached[1]
-        tracing = _NO_TRACE if method.startswith(self._untraced) else self._tracing()
+        tracing = _NO_TRACE if method.startswith(self._untraced) else self._tracing(method)
         for kind, make_handler, guard in _HANDLER_KINDS:
             behavior = getattr(handler, kind)
             if behavior is not None:
@@ -97,23 +101,28 @@ class ServingInterceptor(_ServerInterceptor):
                 return wrapped
         return handler
 
-    def _tracing(self) -> _Tracing:
+    def _tracing(self, method: str) -> _Tracing:
         # Resolved at a method's first call, when the global provider is installed.
         provider = self._provider or trace.get_tracer_provider()
         return _Tracing(
-            trace.get_tracer(__name__, tracer_provider=provider), records_spans(provider)
+            trace.get_tracer(__name__, tracer_provider=provider),
+            recording=records_spans(provider),
+            fresh_ids=not method.startswith(self._caller_trace_only),
         )
 
 
 @dataclass(frozen=True)
 class _Tracing:
-    """How a method's calls are traced: ``tracer`` None for none at all."""
+    """How a method's calls are traced: ``tracer`` None for none at all;
+    where nothing is recorded, ``fresh_ids`` for a new trace context when the
+    caller sent none."""
 
     tracer: trace.Tracer | None
     recording: bool
+    fresh_ids: bool
 
 
-_NO_TRACE: Final = _Tracing(None, recording=False)
+_NO_TRACE: Final = _Tracing(None, recording=False, fresh_ids=False)
 
 
 class _CallSpan:
@@ -136,6 +145,8 @@ class _CallSpan:
         parent = propagate.extract(carrier) if carrier else None
         if not tracing.recording:
             if parent is None or not trace.get_current_span(parent).get_span_context().is_valid:
+                if not tracing.fresh_ids:
+                    return
                 parent = trace.set_span_in_context(_fresh_span())
             self._token = otel_context.attach(parent)
             return

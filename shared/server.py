@@ -41,6 +41,11 @@ class ServiceRegistration:
     add_to_server: Callable[[grpc.aio.Server], None]
     """Registers the servicer, e.g. ``lambda s: add_RegistryServiceServicer_to_server(x, s)``."""
 
+    fresh_trace_ids: bool = True
+    """Where no exporter records spans, whether a call that brings no trace
+    context gets a fresh trace id anyway (for logs and audit records). A data
+    plane turns it off: that id costs more than a small model's inference."""
+
 
 @dataclass
 class ConveyorServer:
@@ -122,7 +127,11 @@ async def create_server(
     server = grpc.aio.server(
         interceptors=[
             # Health checks are not traced: they are noise.
-            ServingInterceptor(tracer_provider, untraced_services=[health.SERVICE_NAME]),
+            ServingInterceptor(
+                tracer_provider,
+                untraced_services=[health.SERVICE_NAME],
+                caller_trace_only_services=[s.full_name for s in services if not s.fresh_trace_ids],
+            ),
             *interceptors,
         ],
         options=[

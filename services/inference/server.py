@@ -179,6 +179,7 @@ async def build_server(
                 lambda s: grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
                     oip_servicer, s
                 ),
+                fresh_trace_ids=False,
             ),
             ServiceRegistration(
                 MANAGEMENT_SERVICE,

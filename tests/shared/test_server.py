@@ -20,6 +20,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from conveyor.shared import errors
 from conveyor.shared.channel import create_channel
 from conveyor.shared.server import ConveyorServer, create_server
+from conveyor.shared.telemetry import create_tracer_provider, records_spans
 from tests.support.probe import SERVICE, Probe, ProbeClient, seconds
 from tests.support.settings import TestServerSettings
 
@@ -189,6 +190,38 @@ async def test_callers_trace_reaches_the_server_span(
     client_spans = [s for s in spans.get_finished_spans() if s.kind == trace.SpanKind.CLIENT]
     assert server_spans[0].parent is not None
     assert server_spans[0].parent.span_id == client_spans[0].context.span_id
+
+
+@pytest.mark.parametrize("fresh_trace_ids", [True, False])
+async def test_without_an_exporter_a_call_keeps_its_callers_trace_and_no_span_is_made(
+    tmp_path: Path, spans: InMemorySpanExporter, fresh_trace_ids: bool
+) -> None:
+    provider = create_tracer_provider("probe")  # nowhere to export to
+    assert not records_spans(provider)
+    server = await create_server(
+        TestServerSettings(data_dir=tmp_path),
+        [Probe().registration(fresh_trace_ids=fresh_trace_ids)],
+        tracer_provider=provider,
+    )
+    try:
+        # A bare channel sends no trace context; Conveyor's sends its caller's.
+        async with grpc.aio.insecure_channel(target(server)) as bare:
+            alone = [await ProbeClient(bare).whoami(empty_pb2.Empty()) for _ in range(2)]
+        async with create_channel(target(server)) as channel:
+            with trace.get_tracer("test").start_as_current_span("caller") as caller:
+                joined = await ProbeClient(channel).whoami(empty_pb2.Empty())
+    finally:
+        await server.server.stop(None)
+    caller_trace = format(caller.get_span_context().trace_id, "032x")
+    assert joined.fields["trace_id"].string_value == caller_trace
+    alone_traces = [reply.fields["trace_id"].string_value for reply in alone]
+    if fresh_trace_ids:
+        # A trace id of its own for each call, for its logs and audit records.
+        assert all(int(trace_id, 16) for trace_id in alone_traces)
+        assert len(set(alone_traces)) == 2
+    else:
+        assert alone_traces == ["0" * 32] * 2
+    assert not [s for s in spans.get_finished_spans() if s.kind == trace.SpanKind.SERVER]
 
 
 async def test_deadline_propagates_to_downstream_calls(

@@ -80,7 +80,7 @@ class Probe:
             reply: struct_pb2.Struct = await ProbeClient(channel).whoami(empty_pb2.Empty())
             return reply
 
-    def registration(self) -> ServiceRegistration:
+    def registration(self, *, fresh_trace_ids: bool = True) -> ServiceRegistration:
         handlers = {
             "Sleep": grpc.unary_unary_rpc_method_handler(
                 self.sleep,
@@ -110,7 +110,9 @@ class Probe:
         }
         generic = grpc.method_handlers_generic_handler(SERVICE, handlers)
         return ServiceRegistration(
-            full_name=SERVICE, add_to_server=lambda s: s.add_generic_rpc_handlers((generic,))
+            full_name=SERVICE,
+            add_to_server=lambda s: s.add_generic_rpc_handlers((generic,)),
+            fresh_trace_ids=fresh_trace_ids,
         )
 
 
