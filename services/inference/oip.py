@@ -19,7 +19,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final, NamedTuple
 
@@ -31,6 +31,7 @@ from conveyor.oip.v2 import grpc_service_pb2 as oip
 from conveyor.oip.v2 import grpc_service_pb2_grpc
 from conveyor.services.inference.batching import BatchTiming
 from conveyor.services.inference.deployments import DeploymentRuntime
+from conveyor.services.inference.group_statistics import StatisticsBoard, merged
 from conveyor.services.inference.metadata import (
     PLATFORM,
     index_state,
@@ -93,13 +94,17 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         default_sample_rate: float,
         server_version: str,
         draining: Callable[[], bool],
+        statistics_board: StatisticsBoard | None = None,
     ) -> None:
+        """``statistics_board``: where the other serving processes of this port
+        publish their statistics (none when this process serves alone)."""
         self._repository = repository
         self._metrics = metrics
         self._log = prediction_log
         self._default_sample_rate = default_sample_rate
         self._server_version = server_version
         self._draining = draining
+        self._statistics_board = statistics_board
 
     # -- health and metadata ----------------------------------------------------------
 
@@ -154,18 +159,38 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
     async def ModelStatistics(
         self, request: oip.ModelStatisticsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> oip.ModelStatisticsResponse:
+        """Triton's statistics; with several serving processes, all of theirs."""
         if request.name:
-            runtimes: Iterable[DeploymentRuntime] = [self._runtime(request.name, field="name")]
-        else:
-            runtimes = list(self._repository.runtimes.values())
-        response = oip.ModelStatisticsResponse()
-        for runtime in runtimes:
-            versions = [v for v in runtime.loaded_versions() if v.batcher is not None]
-            if request.version:
-                versions = [_held_version(runtime, request.version)]
-            for version in versions:
-                response.model_stats.append(model_statistics(runtime.model_id, version))
+            self._runtime(request.name, field="name")
+        if request.version:
+            _version_number(request.version)
+        counts = self.local_statistics()
+        if self._statistics_board is not None:
+            counts = merged(counts, await asyncio.to_thread(self._statistics_board.others))
+        response = oip.ModelStatisticsResponse(
+            model_stats=[
+                stats
+                for stats in counts.model_stats
+                if request.name in ("", stats.name) and request.version in ("", stats.version)
+            ]
+        )
+        if request.version and not response.model_stats:
+            raise NotFoundError(
+                f"version {request.version} of {request.name or 'any model'} is not loaded",
+                reason="VERSION_NOT_LOADED",
+            )
         return response
+
+    def local_statistics(self) -> oip.ModelStatisticsResponse:
+        """The statistics of every version this process serves."""
+        return oip.ModelStatisticsResponse(
+            model_stats=[
+                model_statistics(runtime.model_id, version)
+                for runtime in list(self._repository.runtimes.values())
+                for version in runtime.loaded_versions()
+                if version.batcher is not None
+            ]
+        )
 
     # -- repository -------------------------------------------------------------------
 

@@ -6,7 +6,8 @@ starts the others (``conveyor serve inference`` with ``worker_of`` set to
 this process's id) on the same port; the kernel spreads connections over
 them. They share the deployments database and the artifact cache; this
 process alone serves ``/metrics``, aggregated over all of them
-(prometheus-client's multiprocess mode). A serving process that dies is
+(prometheus-client's multiprocess mode), and each answers ``ModelStatistics``
+for all of them (:mod:`.group_statistics`). A serving process that dies is
 started again; each one ends when this one does.
 """
 
@@ -32,6 +33,7 @@ from conveyor.monitor.v1 import monitor_service_pb2
 from conveyor.monitor.v1.resources_pb2 import PredictionRecord
 from conveyor.oip.v2 import grpc_service_pb2, grpc_service_pb2_grpc
 from conveyor.registry.v1 import registry_service_pb2
+from conveyor.services.inference.group_statistics import StatisticsBoard
 from conveyor.services.inference.management import ManagementServicer
 from conveyor.services.inference.metrics import (
     InferenceMetrics,
@@ -161,6 +163,13 @@ async def build_server(
         ),
     )
     stopping = asyncio.Event()
+    board = (
+        StatisticsBoard(settings.service_data_dir / "statistics")
+        if settings.processes > 1
+        else None
+    )
+    if board is not None and not extra_process:
+        board.clear()  # an earlier group's counts
     oip_servicer = InferenceServicer(
         repository,
         metrics=metrics,
@@ -168,6 +177,7 @@ async def build_server(
         default_sample_rate=settings.prediction_log_sample_rate,
         server_version=_version(),
         draining=stopping.is_set,
+        statistics_board=board,
     )
     management = ManagementServicer(store, repository, source, workers)
     interceptors = server_auth_interceptors(settings, secrets, resolver=inference_resolver(source))
@@ -201,14 +211,19 @@ async def build_server(
             start_metrics_server, settings.metrics_listen, metrics
         )
     gauges = asyncio.ensure_future(_update_gauges(repository, metrics))
+    publisher = (
+        asyncio.ensure_future(board.keep_publishing(oip_servicer.local_statistics))
+        if board is not None
+        else None
+    )
     supervisor: ProcessSupervisor | None = None
-    if settings.processes > 1 and not extra_process:
-        supervisor = ProcessSupervisor(settings, server.port)
+    if board is not None and not extra_process:
+        supervisor = ProcessSupervisor(settings, server.port, board)
         await supervisor.start()
     watchdog = asyncio.ensure_future(_end_with_parent(settings, server)) if extra_process else None
 
     async def close() -> None:
-        for task in (gauges, watchdog):
+        for task in (gauges, watchdog, publisher):
             if task is not None:
                 task.cancel()
         if supervisor is not None:
@@ -232,9 +247,10 @@ class ProcessSupervisor:
     """The extra serving processes: started on the shared port, restarted with
     back-off when one dies, stopped with this one."""
 
-    def __init__(self, settings: InferenceSettings, port: int) -> None:
+    def __init__(self, settings: InferenceSettings, port: int, board: StatisticsBoard) -> None:
         self._settings = settings
         self._port = port
+        self._board = board
         self._processes: dict[int, asyncio.subprocess.Process] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = asyncio.Event()
@@ -271,6 +287,7 @@ class ProcessSupervisor:
                 process.send_signal(signal.SIGTERM)
             code = await process.wait()
             _forget_metrics_of(process.pid)
+            self._board.forget(process.pid)
             if self._stopping.is_set():
                 return
             logger.warning(

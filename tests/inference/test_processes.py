@@ -24,6 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from conveyor.inference.v1 import inference_messages_pb2 as inference_rpc
 from conveyor.inference.v1 import inference_service_pb2_grpc
 from conveyor.inference.v1 import resources_pb2 as inference_pb
+from conveyor.oip.v2 import grpc_service_pb2 as oip
 from conveyor.oip.v2 import grpc_service_pb2_grpc
 from conveyor.registry.v1 import registry_service_pb2_grpc
 from conveyor.services.registry.server import build_server as build_registry
@@ -163,6 +164,26 @@ async def test_serving_processes_share_the_port(tmp_path: Path, registry: Convey
             and sample.labels.get("status") == "OK"
         )
         assert served == 20
+        # Statistics count every process's requests, whichever process answers
+        # (the others' counts arrive within a publishing interval).
+        counted: list[int] = []
+        for _ in range(8):
+            async with grpc.aio.insecure_channel(
+                f"127.0.0.1:{port}", options=[("grpc.use_local_subchannel_pool", 1)]
+            ) as channel:
+                stub = grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel)
+                for _ in range(50):
+                    reply = await stub.ModelStatistics(
+                        oip.ModelStatisticsRequest(name="shared"), timeout=10
+                    )
+                    [stats] = reply.model_stats
+                    if stats.inference_stats.success.count == 20:
+                        break
+                    await asyncio.sleep(0.1)
+                counted.append(stats.inference_stats.success.count)
+                assert stats.inference_stats.compute_infer.count == 20
+                assert stats.inference_count == 20 * len(X)
+        assert counted == [20] * 8
 
         os.kill(first_child, signal.SIGKILL)
         await wait_for(
