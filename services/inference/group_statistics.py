@@ -117,9 +117,8 @@ def _add_durations(
     part: oip.InferStatistics | oip.InferBatchStatistics,
 ) -> None:
     """Adds every ``StatisticDuration`` field of ``part`` to ``total``'s."""
-    for field in part.DESCRIPTOR.fields:
-        if field.message_type is oip.StatisticDuration.DESCRIPTOR and part.HasField(field.name):
+    for field, source in part.ListFields():
+        if field.message_type is oip.StatisticDuration.DESCRIPTOR:
             into = getattr(total, field.name)
-            source = getattr(part, field.name)
             into.count += source.count
             into.ns += source.ns
