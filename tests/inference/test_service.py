@@ -26,6 +26,7 @@ from tests.inference.conftest import (
     linear_classifier,
     probabilities,
     running_suite,
+    slow_classifier,
     weights,
 )
 from tests.support.registry import refused
@@ -187,6 +188,28 @@ async def test_streaming_answers_every_request_and_reports_failures_in_band(
         np.testing.assert_allclose(
             probabilities(answer.infer_response), expected(row, w), rtol=1e-5
         )
+
+
+async def test_a_streams_requests_to_a_model_off_the_event_loop_batch_together(
+    suite: Suite,
+) -> None:
+    # Too slow to compute on the event loop: each request waits for its batch in a
+    # task of its own, so a stream's requests queue behind the first and batch.
+    await suite.register("slow-stream", data=slow_classifier())
+    await suite.deploy(inference_pb.Deployment(model="models/slow-stream"))
+
+    async def requests() -> object:
+        for index in range(12):
+            yield infer_request("slow-stream", X[index % 3 : index % 3 + 1], id=f"q-{index}")
+
+    answers = [answer async for answer in suite.oip.ModelStreamInfer(requests(), timeout=60)]
+    assert sorted(a.infer_response.id for a in answers) == sorted(f"q-{i}" for i in range(12))
+    assert not [a.error_message for a in answers if a.error_message]
+    [stats] = (
+        await suite.oip.ModelStatistics(oip.ModelStatisticsRequest(name="slow-stream"))
+    ).model_stats
+    assert stats.inference_count == 12
+    assert stats.execution_count < 12
 
 
 @pytest.mark.parametrize(
