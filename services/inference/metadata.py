@@ -5,7 +5,7 @@ states."""
 
 from __future__ import annotations
 
-from typing import Final
+from typing import Any, Final
 
 from conveyor.inference.v1 import resources_pb2 as pb
 from conveyor.oip.v2 import grpc_service_pb2 as oip
@@ -45,19 +45,10 @@ def model_config(
         backend="onnxruntime",
         max_batch_size=version.max_batch_size if batching else 0,
         input=[
-            model_config_pb2.ModelInput(
-                name=spec.name,
-                data_type=CONFIG_TYPES[spec.datatype],
-                dims=list(spec.shape[1:] if batching else spec.shape),
-            )
-            for spec in version.inputs
+            model_config_pb2.ModelInput(**_config_tensor(spec, batching)) for spec in version.inputs
         ],
         output=[
-            model_config_pb2.ModelOutput(
-                name=spec.name,
-                data_type=CONFIG_TYPES[spec.datatype],
-                dims=list(spec.shape[1:] if batching else spec.shape),
-            )
+            model_config_pb2.ModelOutput(**_config_tensor(spec, batching))
             for spec in version.outputs
         ],
         instance_group=[
@@ -92,6 +83,16 @@ def model_config(
     for key, value in parameters.items():
         config.parameters[key].string_value = value
     return config
+
+
+def _config_tensor(spec: TensorSpec, batching: bool) -> dict[str, Any]:
+    """A config input's or output's fields: dims without the batch dimension
+    when the model batches."""
+    return {
+        "name": spec.name,
+        "data_type": CONFIG_TYPES[spec.datatype],
+        "dims": list(spec.shape[1:] if batching else spec.shape),
+    }
 
 
 def model_statistics(model_id: str, version: LoadedVersion) -> oip.ModelStatistics:
