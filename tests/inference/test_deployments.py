@@ -387,7 +387,9 @@ async def test_a_retried_create_with_the_same_request_id_creates_once(suite: Sui
 async def test_a_full_queue_refuses_at_once_and_expired_requests_are_never_computed(
     suite: Suite,
 ) -> None:
-    await suite.register("slow", data=slow_classifier())
+    # Hundreds of milliseconds a request, so that the request computing is surely
+    # computing when the others arrive, even on a busy machine.
+    await suite.register("slow", data=slow_classifier(depth=256))
     await suite.deploy(
         pb.Deployment(
             model="models/slow",
@@ -407,7 +409,7 @@ async def test_a_full_queue_refuses_at_once_and_expired_requests_are_never_compu
 
     # Two requests that may wait 2 ms queue behind one that computes for longer.
     computing = asyncio.ensure_future(one(False))
-    await asyncio.sleep(0.005)
+    await asyncio.sleep(0.1)
     expired = Counter(await asyncio.gather(one(True), one(True)))
     assert expired == Counter({"DEADLINE_EXCEEDED": 2})
     assert await computing == "OK"
