@@ -19,7 +19,14 @@ from conveyor.shared.settings import ServiceSettings
 ALL_SERVICES: tuple[str, ...] = tuple(SERVICE_PORTS)
 """Every service of the suite, in start-up order for ``conveyor up``."""
 
-IMPLEMENTED: tuple[str, ...] = ("policy", "registry", "trainer", "optimizer", "inference")
+IMPLEMENTED: tuple[str, ...] = (
+    "policy",
+    "registry",
+    "trainer",
+    "optimizer",
+    "inference",
+    "monitor",
+)
 """Services that have a server, in start-up order (a service starts after the
 services it asks on every call: policy first); later issues add theirs here."""
 

@@ -12,8 +12,10 @@ approve`` talk to the policy service (:mod:`conveyor.services.policy.cli`);
 and cancel training jobs and hyperparameter sweeps
 (:mod:`conveyor.services.trainer.cli`); ``conveyor optimize`` and ``conveyor
 optimizations …`` create, follow, read and cancel optimisation jobs
-(:mod:`conveyor.services.optimizer.cli`); ``conveyor credentials`` writes
-development tokens. This module only wires their arguments.
+(:mod:`conveyor.services.optimizer.cli`); ``conveyor drift`` prints a model
+version's drift report from the monitor (:mod:`conveyor.services.monitor.cli`);
+``conveyor credentials`` writes development tokens. This module only wires
+their arguments.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from pathlib import Path
 import grpc
 
 from conveyor.services import catalog
+from conveyor.services.monitor import cli as monitor_cli
 from conveyor.services.optimizer import cli as optimizer_cli
 from conveyor.services.policy import cli as policy_cli
 from conveyor.services.registry import cli as registry_cli
@@ -96,6 +99,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_policy_commands(commands)
     _add_trainer_commands(commands)
     _add_optimizer_commands(commands)
+    _add_monitor_commands(commands)
     return parser
 
 
@@ -379,6 +383,22 @@ def _add_optimizer_commands(commands: _Subparsers[argparse.ArgumentParser]) -> N
         help="e.g. abc/static-int8, or optimizationJobs/abc/reports/static-int8",
     )
     report.set_defaults(handler=partial(optimizer_cli.run, optimizer_cli.optimizations_report))
+
+
+def _add_monitor_commands(commands: _Subparsers[argparse.ArgumentParser]) -> None:
+    client = argparse.ArgumentParser(add_help=False)
+    monitor_cli.add_client_arguments(client)
+    drift = commands.add_parser(
+        "drift",
+        help="a model version's data and prediction drift in one window",
+        description="Print the drift report of a model version (its production alias by "
+        "default) for the latest closed window: the dataset verdict, then per feature the "
+        "test, statistic, p-values, threshold and verdict. --html also writes a page with "
+        "a histogram per feature.",
+        parents=[client],
+    )
+    monitor_cli.add_drift_arguments(drift)
+    drift.set_defaults(handler=partial(monitor_cli.run, monitor_cli.drift))
 
 
 def _train(args: argparse.Namespace) -> int:

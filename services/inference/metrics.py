@@ -42,13 +42,9 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
-import socket
 import threading
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from socketserver import ThreadingMixIn
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Final
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
-from wsgiref.types import StartResponse, WSGIApplication, WSGIEnvironment
 
 import grpc
 from prometheus_client import (
@@ -58,11 +54,13 @@ from prometheus_client import (
     Histogram,
     PlatformCollector,
     ProcessCollector,
-    make_wsgi_app,
 )
 from prometheus_client.gc_collector import GCCollector
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
+
+from conveyor.shared import metrics_http
+from conveyor.shared.metrics_http import MetricsServer as MetricsServer
 
 logger = logging.getLogger(__name__)
 
@@ -311,38 +309,10 @@ def multiprocess_directory() -> str | None:
     return os.environ.get(MULTIPROCESS_ENV) or None
 
 
-class MetricsServer:
-    """The ``/metrics`` HTTP server, serving from a daemon thread."""
-
-    def __init__(self, server: WSGIServer, thread: threading.Thread) -> None:
-        self._server = server
-        self._thread = thread
-        self.port: int = server.server_address[1]
-        """The port it listens on (the real one when port 0 was asked for)."""
-
-    def close(self) -> None:
-        """Stops serving and frees the port (returns within a poll interval)."""
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join()
-
-
 def start_metrics_server(listen: str, metrics: InferenceMetrics) -> MetricsServer:
-    """Serves ``metrics`` at ``http://{listen}/metrics``; ``listen`` is
-    ``host:port`` (``[::]:9104`` for IPv6, port 0 for any free port)."""
-    host, port = _parse_listen(listen)
-    server_class = _Server6 if ":" in host else _Server
-    server = make_server(
-        host, port, _metrics_only(metrics.registry), server_class, handler_class=_QuietHandler
-    )
-    thread = threading.Thread(
-        target=server.serve_forever,
-        kwargs={"poll_interval": _POLL_INTERVAL_S},
-        name="metrics-http",
-        daemon=True,
-    )
-    thread.start()
-    return MetricsServer(server, thread)
+    """Serves ``metrics`` at ``http://{listen}/metrics`` (see
+    :func:`conveyor.shared.metrics_http.start_metrics_server`)."""
+    return metrics_http.start_metrics_server(listen, metrics.registry)
 
 
 class GpuMemoryCollector:
@@ -384,9 +354,6 @@ class GpuMemoryCollector:
 
 
 # -- helpers --------------------------------------------------------------------------
-
-_POLL_INTERVAL_S: Final = 0.1
-"""How often the HTTP thread checks for shutdown (bounds how long close() takes)."""
 
 _NVML_SUCCESS: Final = 0
 
@@ -449,37 +416,3 @@ class _Nvml:
                 continue
             devices.append((index, int(info.used), int(info.total)))
         return devices
-
-
-class _Server(ThreadingMixIn, WSGIServer):
-    """One thread per scrape, so a slow scraper never holds up another."""
-
-    daemon_threads = True
-
-
-class _Server6(_Server):
-    address_family = socket.AF_INET6
-
-
-class _QuietHandler(WSGIRequestHandler):
-    def log_message(self, format: str, *args: Any) -> None:
-        """Nothing: a scrape every few seconds would flood the log."""
-
-
-def _metrics_only(registry: CollectorRegistry) -> WSGIApplication:
-    exposition: WSGIApplication = make_wsgi_app(registry)
-
-    def app(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
-        if environ.get("PATH_INFO") != "/metrics":
-            start_response("404 Not Found", [("Content-Type", "text/plain; charset=utf-8")])
-            return [b"the metrics are at /metrics\n"]
-        return exposition(environ, start_response)
-
-    return app
-
-
-def _parse_listen(listen: str) -> tuple[str, int]:
-    host, colon, port = listen.rpartition(":")
-    if not colon or not port.isdigit() or int(port) > 65535:
-        raise ValueError(f"listen address {listen!r} is not host:port")
-    return host.strip("[]") or "0.0.0.0", int(port)

@@ -1,11 +1,42 @@
-"""The monitor service: drift, performance decay, outliers and alerts for the
-models in production.
+"""The monitor service: the prediction log and feedback, drift, performance
+decay, outliers, SLOs, alerts with rollback and retraining, canary analysis and
+Prometheus metrics for the models in production.
 
-Its first building blocks, free of gRPC and storage so that every number can
-be checked against SciPy and scikit-learn: :mod:`.statistics` (the drift tests
-and distances), :mod:`.drift` (which test for which feature, corrections and
-verdicts), :mod:`.performance` (quality per window of labelled predictions
-against the registered metrics) and :mod:`.outliers` (per-prediction scores
-against the reference). The service itself (its server, store and windows) is
-not built yet, so nothing registers it.
+The statistics, free of gRPC and storage so that every number can be checked
+against SciPy and scikit-learn: :mod:`.statistics` (drift tests and
+distances), :mod:`.drift` (test choice, corrections, verdicts),
+:mod:`.performance` (quality against registered metrics), :mod:`.outliers`,
+:mod:`.slo`, :mod:`.alerting` (conditions and hysteresis) and :mod:`.canary`.
+
+The service (``conveyor serve monitor``): :mod:`.server`, :mod:`.servicer`
+(ingest, feedback, references, configs, reports) with :mod:`.ingest`,
+:mod:`.profiles`, :mod:`.references`, :mod:`.config` and :mod:`.reports`;
+:mod:`.store` (the log and its windows); :mod:`.evaluation` (what happens when
+a window closes); :mod:`.alert_servicer`, :mod:`.alert_store`, :mod:`.alerts`
+and :mod:`.actions` (rules, alerts, rollback and retraining);
+:mod:`.canary_analysis`; :mod:`.metrics`; and the ``conveyor drift`` command,
+:mod:`.cli` with :mod:`.html_report`.
 """
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from conveyor.services.catalog import ServiceEntry
+from conveyor.services.monitor.settings import MonitorSettings
+
+if TYPE_CHECKING:
+    from conveyor.shared.server import ConveyorServer
+
+
+async def build_server(settings: MonitorSettings) -> ConveyorServer:
+    """The monitor server (:func:`conveyor.services.monitor.server.build_server`),
+    imported when first built: SciPy and scikit-learn load with it."""
+    from conveyor.services.monitor import server
+
+    return await server.build_server(settings)
+
+
+SERVICE = ServiceEntry(settings_class=MonitorSettings, build_server=build_server)
+
+__all__ = ["SERVICE", "MonitorSettings", "build_server"]

@@ -1,0 +1,692 @@
+"""The prediction log and what is kept about it: windows, feedback, references,
+configs and the reports computed when windows close.
+
+Synchronous SQLAlchemy Core over SQLite or PostgreSQL, called from worker
+threads. A call's records are stored in one transaction, so a rejected or
+failed call leaves nothing behind. Windows are aggregated as records arrive
+(counts and time span updated in the same transaction), so nothing ever
+rescans history: a report reads one window's rows through its index.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any, Final
+
+import numpy as np
+import numpy.typing as npt
+from sqlalchemy import and_, delete, func, insert, select, tuple_, update
+from sqlalchemy.engine import Connection, Engine, Row
+
+from conveyor.monitor.v1 import resources_pb2 as pb
+from conveyor.services.monitor import schema
+from conveyor.services.monitor.config import WindowSize
+from conveyor.services.monitor.ingest import PreparedRows
+from conveyor.shared.filtering import Restriction
+from conveyor.shared.storage import read_transaction, write_transaction
+
+_IN_CHUNK: Final = 500
+"""Keys per ``IN (...)`` list: under SQLite's default limit of bound variables."""
+_US: Final = 1_000_000
+
+predictions = schema.predictions
+windows = schema.windows
+
+
+@dataclass(frozen=True)
+class StoredWindow:
+    """A window's aggregates."""
+
+    model_version: str
+    index: int
+    start_us: int
+    end_us: int
+    deadline_us: int | None
+    row_count: int
+    error_count: int
+    outlier_count: int
+    closed: bool
+
+    def to_proto(self) -> pb.Window:
+        window = pb.Window(index=self.index, row_count=self.row_count, closed=self.closed)
+        window.start_time.FromMicroseconds(self.start_us)
+        window.end_time.FromMicroseconds(self.end_us)
+        return window
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    accepted: int
+    duplicates: int
+    closed_windows: list[tuple[str, int]]
+    """(model version, window index) of every window the call closed."""
+    by_version: dict[str, tuple[int, int]]
+    """Accepted and duplicate records per version."""
+
+
+@dataclass(frozen=True, eq=False)
+class WindowRows:
+    """A window's (or time range's) stored rows as columns."""
+
+    numerical: npt.NDArray[np.float64]
+    categorical: npt.NDArray[np.str_]
+    outputs: npt.NDArray[np.float64]
+    """Successful rows only, like the two above."""
+    labels: npt.NDArray[np.int64]
+    """Per successful row, -1 where no label arrived."""
+    status_codes: npt.NDArray[np.int32]
+    """Every row."""
+    latencies_s: npt.NDArray[np.float64]
+    """Every row."""
+    outliers: npt.NDArray[np.bool_]
+    """Per successful row."""
+    times_us: npt.NDArray[np.int64]
+    """Every row."""
+
+
+@dataclass(frozen=True)
+class FeedbackResult:
+    accepted: int
+    matched: int
+    ignored: int
+
+
+class MonitorStore:
+    """The monitor's database."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    # -- ingest --------------------------------------------------------------
+
+    def ingest(
+        self, batches: Sequence[PreparedRows], sizes: dict[str, WindowSize], *, now_us: int
+    ) -> IngestResult:
+        """Store every new record of ``batches`` (one per version) in one
+        transaction, assigning each to its version's window (``sizes``);
+        records already stored (same version and request id) are duplicates."""
+        accepted = duplicates = 0
+        closed: list[tuple[str, int]] = []
+        by_version: dict[str, tuple[int, int]] = {}
+        with write_transaction(self.engine) as connection:
+            for batch in batches:
+                fresh = self._fresh(connection, batch)
+                duplicates += len(batch.rows) - len(fresh)
+                by_version[batch.model_version] = (len(fresh), len(batch.rows) - len(fresh))
+                if not fresh:
+                    continue
+                fresh.sort(key=lambda row: row["time_us"])
+                closed.extend(
+                    self._assign_windows(
+                        connection, batch.model_version, fresh, sizes[batch.model_version], now_us
+                    )
+                )
+                self._join_feedback(connection, fresh)
+                connection.execute(insert(predictions), fresh)
+                accepted += len(fresh)
+        return IngestResult(accepted, duplicates, closed, by_version)
+
+    def _fresh(self, connection: Connection, batch: PreparedRows) -> list[dict[str, Any]]:
+        """The batch's rows not stored yet, each request id once."""
+        if not batch.rows:
+            return []
+        model = batch.rows[0]["model"]
+        ids = list(dict.fromkeys(row["request_id"] for row in batch.rows))
+        stored: set[str] = set()
+        for start in range(0, len(ids), _IN_CHUNK):
+            chunk = ids[start : start + _IN_CHUNK]
+            stored.update(
+                connection.execute(
+                    select(predictions.c.request_id).where(
+                        predictions.c.model == model,
+                        predictions.c.model_version == batch.model_version,
+                        predictions.c.request_id.in_(chunk),
+                    )
+                ).scalars()
+            )
+        fresh: list[dict[str, Any]] = []
+        for row in batch.rows:
+            if row["request_id"] not in stored:
+                stored.add(row["request_id"])
+                fresh.append(row)
+        return fresh
+
+    def _assign_windows(
+        self,
+        connection: Connection,
+        model_version: str,
+        rows: list[dict[str, Any]],
+        size: WindowSize,
+        now_us: int,
+    ) -> list[tuple[str, int]]:
+        """Set each row's window (rows in time order), updating the windows'
+        aggregates; returns the windows that closed."""
+        open_row = connection.execute(
+            select(windows)
+            .where(windows.c.model_version == model_version, windows.c.closed.is_(False))
+            .order_by(windows.c.window_index.desc())
+            .limit(1)
+        ).first()
+        if open_row is None:
+            last = connection.execute(
+                select(func.max(windows.c.window_index)).where(
+                    windows.c.model_version == model_version
+                )
+            ).scalar()
+            current = _new_window(model_version, -1 if last is None else last, rows[0], size)
+            is_new = True
+        else:
+            current = _from_row(open_row)
+            is_new = False
+        closed: list[tuple[str, int]] = []
+        for row in rows:
+            if _full(current, size, row["time_us"]):
+                self._save_window(connection, current, is_new, closed_at=now_us)
+                closed.append((model_version, current["window_index"]))
+                current = _new_window(model_version, current["window_index"], row, size, current)
+                is_new = True
+            row["window_index"] = current["window_index"]
+            current["row_count"] += 1
+            current["start_us"] = min(current["start_us"], row["time_us"])
+            current["end_us"] = max(current["end_us"], row["time_us"])
+            current["error_count"] += row["status_code"] != 0
+            current["outlier_count"] += bool(row["outlier"])
+        if size.rows is not None and current["row_count"] >= size.rows:
+            self._save_window(connection, current, is_new, closed_at=now_us)
+            closed.append((model_version, current["window_index"]))
+        else:
+            self._save_window(connection, current, is_new, closed_at=None)
+        return closed
+
+    def _save_window(
+        self, connection: Connection, window: dict[str, Any], is_new: bool, *, closed_at: int | None
+    ) -> None:
+        values = dict(window, closed=closed_at is not None, close_time_us=closed_at)
+        if is_new:
+            connection.execute(insert(windows).values(**values))
+        else:
+            connection.execute(
+                update(windows)
+                .where(
+                    windows.c.model_version == window["model_version"],
+                    windows.c.window_index == window["window_index"],
+                )
+                .values(**values)
+            )
+
+    def _join_feedback(self, connection: Connection, rows: list[dict[str, Any]]) -> None:
+        """Labels that arrived before their predictions."""
+        model = rows[0]["model"]
+        by_id = {row["request_id"]: row for row in rows}
+        ids = list(by_id)
+        feedback = schema.feedback
+        for start in range(0, len(ids), _IN_CHUNK):
+            for found in connection.execute(
+                select(feedback.c.request_id, feedback.c.label, feedback.c.time_us).where(
+                    feedback.c.model == model,
+                    feedback.c.request_id.in_(ids[start : start + _IN_CHUNK]),
+                )
+            ):
+                by_id[found.request_id]["label"] = found.label
+                by_id[found.request_id]["label_time_us"] = found.time_us
+
+    def close_expired(self, now_us: int) -> list[tuple[str, int]]:
+        """Close every time window whose deadline has passed."""
+        with write_transaction(self.engine) as connection:
+            expired = connection.execute(
+                select(windows.c.model_version, windows.c.window_index).where(
+                    windows.c.closed.is_(False),
+                    windows.c.deadline_us.is_not(None),
+                    windows.c.deadline_us <= now_us,
+                )
+            ).all()
+            for model_version, index in expired:
+                connection.execute(
+                    update(windows)
+                    .where(
+                        windows.c.model_version == model_version,
+                        windows.c.window_index == index,
+                    )
+                    .values(closed=True, close_time_us=now_us)
+                )
+        return [(row.model_version, row.window_index) for row in expired]
+
+    # -- feedback ------------------------------------------------------------
+
+    def record_feedback(
+        self, feedback: Sequence[tuple[str, str, int, int]], *, now_us: int
+    ) -> FeedbackResult:
+        """Store labels ``(model, request_id, label, time_us)``: a label with an
+        older time than the stored one, or identical to it, is ignored; the
+        others replace it and are joined to every stored prediction of that
+        model and request id."""
+        table = schema.feedback
+        accepted = matched = ignored = 0
+        with write_transaction(self.engine) as connection:
+            for model, request_id, label, time_us in feedback:
+                key = (table.c.model == model, table.c.request_id == request_id)
+                stored = connection.execute(
+                    select(table.c.label, table.c.time_us).where(*key)
+                ).first()
+                if stored is not None and (
+                    time_us < stored.time_us or (time_us, label) == (stored.time_us, stored.label)
+                ):
+                    ignored += 1
+                    continue
+                values = {"label": label, "time_us": time_us, "ingest_time_us": now_us}
+                if stored is None:
+                    connection.execute(
+                        insert(table).values(model=model, request_id=request_id, **values)
+                    )
+                else:
+                    connection.execute(update(table).where(*key).values(**values))
+                joined = connection.execute(
+                    update(predictions)
+                    .where(predictions.c.model == model, predictions.c.request_id == request_id)
+                    .values(label=label, label_time_us=time_us)
+                ).rowcount
+                accepted += 1
+                matched += joined > 0
+        return FeedbackResult(accepted, matched, ignored)
+
+    def output_widths(self, keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str], int]:
+        """The output width of the stored successful prediction of each
+        (model, request id), where there is one."""
+        widths: dict[tuple[str, str], int] = {}
+        with read_transaction(self.engine) as connection:
+            for model in sorted({model for model, _ in keys}):
+                ids = sorted({request_id for m, request_id in keys if m == model})
+                for start in range(0, len(ids), _IN_CHUNK):
+                    for row in connection.execute(
+                        select(predictions.c.request_id, func.length(predictions.c.outputs)).where(
+                            predictions.c.model == model,
+                            predictions.c.status_code == 0,
+                            predictions.c.request_id.in_(ids[start : start + _IN_CHUNK]),
+                        )
+                    ):
+                        widths[(model, row[0])] = int(row[1]) // 8
+        return widths
+
+    # -- reading -------------------------------------------------------------
+
+    def window(self, model_version: str, index: int) -> StoredWindow | None:
+        with read_transaction(self.engine) as connection:
+            row = connection.execute(
+                select(windows).where(
+                    windows.c.model_version == model_version, windows.c.window_index == index
+                )
+            ).first()
+        return None if row is None else _stored(row)
+
+    def latest_window(self, model_version: str, *, closed: bool) -> StoredWindow | None:
+        with read_transaction(self.engine) as connection:
+            row = connection.execute(
+                select(windows)
+                .where(windows.c.model_version == model_version, windows.c.closed.is_(closed))
+                .order_by(windows.c.window_index.desc())
+                .limit(1)
+            ).first()
+        return None if row is None else _stored(row)
+
+    def window_rows(
+        self,
+        model_version: str,
+        *,
+        index: int | None = None,
+        time_range: tuple[int, int] | None = None,
+        numerical_columns: int,
+        categorical_columns: int,
+        include_shadow: bool = True,
+    ) -> WindowRows:
+        """One window's rows, or those of a version in ``[start, end)`` microseconds."""
+        columns = (
+            predictions.c.status_code,
+            predictions.c.latency_us,
+            predictions.c.numerical,
+            predictions.c.categorical,
+            predictions.c.outputs,
+            predictions.c.label,
+            predictions.c.outlier,
+            predictions.c.time_us,
+        )
+        where: list[Any] = [predictions.c.model_version == model_version]
+        if index is not None:
+            where.append(predictions.c.window_index == index)
+        if time_range is not None:
+            where.extend(
+                [predictions.c.time_us >= time_range[0], predictions.c.time_us < time_range[1]]
+            )
+        if not include_shadow:
+            where.append(predictions.c.shadow.is_(False))
+        with read_transaction(self.engine) as connection:
+            rows = connection.execute(select(*columns).where(and_(*where))).all()
+        return _columns(rows, numerical_columns, categorical_columns)
+
+    # -- erasure and retention -------------------------------------------------
+
+    def erase_subject(self, subject_hash: str, model: str | None) -> tuple[int, int]:
+        """Delete every prediction of the subject (of ``model`` when given) and
+        the feedback joined to them; the windows they counted in keep their
+        aggregates (which hold no row)."""
+        feedback = schema.feedback
+        where = [predictions.c.subject_hash == subject_hash]
+        if model is not None:
+            where.append(predictions.c.model == model)
+        with write_transaction(self.engine) as connection:
+            keys = connection.execute(
+                select(predictions.c.model, predictions.c.request_id).where(*where)
+            ).all()
+            erased = connection.execute(delete(predictions).where(*where)).rowcount
+            erased_feedback = 0
+            pairs = sorted({(k.model, k.request_id) for k in keys})
+            for start in range(0, len(pairs), _IN_CHUNK):
+                erased_feedback += connection.execute(
+                    delete(feedback).where(
+                        tuple_(feedback.c.model, feedback.c.request_id).in_(
+                            pairs[start : start + _IN_CHUNK]
+                        )
+                    )
+                ).rowcount
+        return erased, erased_feedback
+
+    def purge(
+        self, retention_by_model: dict[str, timedelta], default: timedelta, now_us: int
+    ) -> int:
+        """Delete prediction and feedback rows older than their model's retention."""
+        deleted = 0
+        with write_transaction(self.engine) as connection:
+            models = connection.execute(select(predictions.c.model).distinct()).scalars().all()
+            feedback_models = (
+                connection.execute(select(schema.feedback.c.model).distinct()).scalars().all()
+            )
+            for model in sorted(set(models) | set(feedback_models)):
+                cutoff = now_us - _micros(retention_by_model.get(model, default))
+                deleted += connection.execute(
+                    delete(predictions).where(
+                        predictions.c.model == model, predictions.c.time_us < cutoff
+                    )
+                ).rowcount
+                connection.execute(
+                    delete(schema.feedback).where(
+                        schema.feedback.c.model == model,
+                        schema.feedback.c.ingest_time_us < cutoff,
+                    )
+                )
+        return deleted
+
+    # -- bodies: references, configs, reports, canary -------------------------
+
+    def put_reference(
+        self,
+        model_version: str,
+        reference: pb.Reference,
+        data: bytes,
+        scorer: bytes | None,
+        method: int,
+    ) -> None:
+        table = schema.references
+        with write_transaction(self.engine) as connection:
+            connection.execute(delete(table).where(table.c.model_version == model_version))
+            connection.execute(
+                insert(table).values(
+                    model_version=model_version,
+                    body=reference.SerializeToString(),
+                    data=data,
+                    scorer=scorer,
+                    scorer_method=method,
+                )
+            )
+
+    def clear_scorers(self, model: str) -> None:
+        """Forget the fitted outlier scorers of ``model``'s versions (the
+        outlier or privacy settings changed): they are refitted on next use."""
+        table = schema.references
+        with write_transaction(self.engine) as connection:
+            connection.execute(
+                update(table)
+                .where(table.c.model_version.startswith(f"{model}/versions/", autoescape=True))
+                .values(scorer=None)
+            )
+
+    def reference(self, model_version: str) -> tuple[pb.Reference, bytes, bytes | None, int] | None:
+        table = schema.references
+        with read_transaction(self.engine) as connection:
+            row = connection.execute(
+                select(table).where(table.c.model_version == model_version)
+            ).first()
+        if row is None:
+            return None
+        return pb.Reference.FromString(row.body), row.data, row.scorer, row.scorer_method
+
+    def put_config(self, config: pb.MonitoringConfig) -> None:
+        model = config.name.removesuffix("/monitoringConfig")
+        self._put_body(schema.monitoring_configs, {"model": model}, config)
+
+    def config(self, model: str) -> pb.MonitoringConfig | None:
+        body = self._body(schema.monitoring_configs, model=model)
+        return None if body is None else pb.MonitoringConfig.FromString(body)
+
+    def configs(self) -> list[pb.MonitoringConfig]:
+        with read_transaction(self.engine) as connection:
+            bodies = connection.execute(select(schema.monitoring_configs.c.body)).scalars().all()
+        return [pb.MonitoringConfig.FromString(body) for body in bodies]
+
+    def put_report(self, model_version: str, index: int, kind: str, report: Any) -> None:
+        self._put_body(
+            schema.reports,
+            {"model_version": model_version, "window_index": index, "kind": kind},
+            report,
+        )
+
+    def report(self, model_version: str, index: int, kind: str) -> bytes | None:
+        return self._body(
+            schema.reports, model_version=model_version, window_index=index, kind=kind
+        )
+
+    def put_canary_analysis(self, model: str, analysis: pb.CanaryAnalysis) -> None:
+        self._put_body(schema.canary_analyses, {"model": model}, analysis)
+
+    def canary_analysis(self, model: str) -> pb.CanaryAnalysis | None:
+        body = self._body(schema.canary_analyses, model=model)
+        return None if body is None else pb.CanaryAnalysis.FromString(body)
+
+    def version_output_columns(self, model_version: str) -> int | None:
+        """The width of the version's stored output rows (None before any)."""
+        with read_transaction(self.engine) as connection:
+            outputs = connection.execute(
+                select(predictions.c.outputs)
+                .where(predictions.c.model_version == model_version, predictions.c.status_code == 0)
+                .limit(1)
+            ).scalar()
+        return None if outputs is None else len(outputs) // 8
+
+    def _put_body(self, table: Any, key: dict[str, Any], message: Any) -> None:
+        where = [table.c[name] == value for name, value in key.items()]
+        with write_transaction(self.engine) as connection:
+            connection.execute(delete(table).where(*where))
+            connection.execute(insert(table).values(**key, body=message.SerializeToString()))
+
+    def _body(self, table: Any, **key: Any) -> bytes | None:
+        where = [table.c[name] == value for name, value in key.items()]
+        with read_transaction(self.engine) as connection:
+            body: bytes | None = connection.execute(select(table.c.body).where(*where)).scalar()
+        return body
+
+
+def _micros(duration: timedelta) -> int:
+    return int(duration.total_seconds() * _US)
+
+
+def _new_window(
+    model_version: str,
+    previous_index: int,
+    first: dict[str, Any],
+    size: WindowSize,
+    previous: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    start = first["time_us"]
+    deadline = None
+    if size.duration is not None:
+        span = _micros(size.duration)
+        if previous is not None and previous["deadline_us"] is not None:
+            # Tumbling: the next window starts where the last one ended, skipping
+            # spans without predictions.
+            base = previous["deadline_us"]
+            start = base + max(0, (first["time_us"] - base) // span) * span
+        deadline = start + span
+    return {
+        "model_version": model_version,
+        "window_index": previous_index + 1,
+        "start_us": first["time_us"],
+        "end_us": first["time_us"],
+        "deadline_us": deadline,
+        "row_count": 0,
+        "error_count": 0,
+        "outlier_count": 0,
+    }
+
+
+def _full(window: dict[str, Any], size: WindowSize, time_us: int) -> bool:
+    if size.rows is not None:
+        return bool(window["row_count"] >= size.rows)
+    if window["deadline_us"] is None and size.duration is not None:
+        # A count window left open when the config switched to time windows.
+        window["deadline_us"] = window["start_us"] + _micros(size.duration)
+    return window["deadline_us"] is not None and time_us >= window["deadline_us"]
+
+
+def _from_row(row: Row[Any]) -> dict[str, Any]:
+    return {
+        "model_version": row.model_version,
+        "window_index": row.window_index,
+        "start_us": row.start_us,
+        "end_us": row.end_us,
+        "deadline_us": row.deadline_us,
+        "row_count": row.row_count,
+        "error_count": row.error_count,
+        "outlier_count": row.outlier_count,
+    }
+
+
+def _stored(row: Row[Any]) -> StoredWindow:
+    return StoredWindow(
+        model_version=row.model_version,
+        index=row.window_index,
+        start_us=row.start_us,
+        end_us=row.end_us,
+        deadline_us=row.deadline_us,
+        row_count=row.row_count,
+        error_count=row.error_count,
+        outlier_count=row.outlier_count,
+        closed=row.closed,
+    )
+
+
+def _columns(rows: Sequence[Any], n_num: int, n_cat: int) -> WindowRows:
+    status = np.fromiter((r.status_code for r in rows), dtype=np.int32, count=len(rows))
+    latencies = np.fromiter((r.latency_us for r in rows), dtype=np.float64, count=len(rows)) / _US
+    times = np.fromiter((r.time_us for r in rows), dtype=np.int64, count=len(rows))
+    ok = [r for r in rows if r.status_code == 0]
+    numerical = (
+        np.frombuffer(b"".join(r.numerical for r in ok), dtype=np.float64).reshape(len(ok), n_num)
+        if n_num
+        else np.empty((len(ok), 0))
+    )
+    categorical = (
+        np.asarray([json.loads(r.categorical) for r in ok], dtype=np.str_).reshape(len(ok), n_cat)
+        if n_cat and ok
+        else np.empty((len(ok), n_cat), dtype=np.str_)
+    )
+    outputs_bytes = b"".join(r.outputs for r in ok)
+    width = len(ok[0].outputs) // 8 if ok else 0
+    outputs = np.frombuffer(outputs_bytes, dtype=np.float64).reshape(len(ok), width)
+    labels = np.fromiter(
+        (-1 if r.label is None else r.label for r in ok), dtype=np.int64, count=len(ok)
+    )
+    outliers = np.fromiter((bool(r.outlier) for r in ok), dtype=np.bool_, count=len(ok))
+    return WindowRows(numerical, categorical, outputs, labels, status, latencies, outliers, times)
+
+
+# -- listing ---------------------------------------------------------------------
+
+_OPERATORS: Final = {
+    "=": lambda c, v: c == v,
+    "!=": lambda c, v: c != v,
+    "<": lambda c, v: c < v,
+    "<=": lambda c, v: c <= v,
+    ">": lambda c, v: c > v,
+    ">=": lambda c, v: c >= v,
+}
+
+
+def _restriction_clause(restriction: Restriction) -> Any:
+    """A ``ListPredictions`` filter restriction as a SQL condition."""
+    field, op, value = restriction.field, restriction.op, restriction.value
+    if field == "has_label":
+        present = predictions.c.label.is_not(None)
+        return present if (value == "TRUE") == (op == "=") else ~present
+    if field in ("shadow", "outlier"):
+        column = predictions.c[field]
+        return column.is_(value == "TRUE") if op == "=" else column.is_not(value == "TRUE")
+    if field == "time":
+        assert isinstance(value, datetime)
+        return _OPERATORS[op](predictions.c.time_us, int(value.timestamp() * _US))
+    if field == "request_id" and op == ":":
+        text = str(value)
+        if text.endswith("*"):
+            return predictions.c.request_id.startswith(text[:-1], autoescape=True)
+        return predictions.c.request_id == text
+    column = predictions.c[field]
+    return _OPERATORS[op](column, value)
+
+
+def list_predictions(
+    engine: Engine,
+    model_version: str,
+    restrictions: Sequence[Restriction],
+    *,
+    offset: int,
+    limit: int,
+) -> tuple[list[Row[Any]], bool]:
+    """A page of a version's records, newest first, and whether more follow."""
+    query = (
+        select(predictions)
+        .where(
+            predictions.c.model == model_version.split("/versions/")[0],
+            predictions.c.model_version == model_version,
+            *[_restriction_clause(r) for r in restrictions],
+        )
+        .order_by(predictions.c.time_us.desc(), predictions.c.request_id.desc())
+        .offset(offset)
+        .limit(limit + 1)
+    )
+    with read_transaction(engine) as connection:
+        rows = list(connection.execute(query).all())
+    return rows[:limit], len(rows) > limit
+
+
+def record_of(row: Row[Any]) -> pb.PredictionRecord:
+    """A stored row as the record ``ListPredictions`` returns (no subject key)."""
+    record = pb.PredictionRecord(
+        model_version=row.model_version,
+        request_id=row.request_id,
+        status_code=row.status_code,
+        shadow=row.shadow,
+        outputs=np.frombuffer(row.outputs, dtype=np.float64).tolist(),
+        outlier=row.outlier,
+    )
+    record.time.FromMicroseconds(row.time_us)
+    record.ingest_time.FromMicroseconds(row.ingest_time_us)
+    record.latency.FromMicroseconds(row.latency_us)
+    if row.status_code == 0:
+        record.features.numerical.extend(np.frombuffer(row.numerical, dtype=np.float64).tolist())
+        record.features.categorical.extend(json.loads(row.categorical))
+    if row.outlier_score is not None:
+        record.outlier_score = row.outlier_score
+    if row.label is not None:
+        record.label = row.label
+        record.label_time.FromMicroseconds(row.label_time_us)
+    return record
