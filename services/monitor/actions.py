@@ -26,11 +26,12 @@ import hashlib
 import io
 import logging
 import math
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import Final
 
 import grpc
@@ -209,12 +210,12 @@ class ActionRunner:
         target = _target_schema(dataset, original.spec.data)
         with _step(f"reading the profile of {version}"):
             profile = await self._profiles.get(version)
+        # Up to the alert's opening, so that running the action again reads the same rows.
         end_us = (
             alert.open_time.ToMicroseconds()
             if alert.HasField("open_time")
-            else datetime.now(UTC).timestamp() * _US
+            else time.time_ns() // 1000
         )
-        end_us = int(end_us)
         start_us = end_us - int(window.total_seconds() * _US)
         rows = await self._workers.run(
             self._store.window_rows,
@@ -230,7 +231,11 @@ class ActionRunner:
             raise _ActionFailedError(
                 f"too few labelled predictions to retrain {version}: "
                 f"{built.prediction_rows} in the last {_words(window)}"
-                + (f" ({built.skipped} more unusable)" if built.skipped else "")
+                + (
+                    f" (and {built.prediction_skipped} with a missing feature or an unknown class)"
+                    if built.prediction_skipped
+                    else ""
+                )
                 + f", at least {self._min_labelled} are needed"
             )
         key = _action_key(alert, action)
@@ -243,6 +248,12 @@ class ActionRunner:
                 f"{job.name} retrains the spec of {job_name} on {new_dataset.name}: "
                 f"{built.reference_rows} reference rows and {built.prediction_rows} labelled "
                 f"predictions of the last {_words(window)}"
+                + (
+                    f"; {built.skipped} labelled rows with a missing feature or an unknown "
+                    "class left out"
+                    if built.skipped
+                    else ""
+                )
             ),
         )
 
@@ -368,6 +379,8 @@ class _TrainingFile:
     skipped: int
     """Labelled rows left out: a missing or non-numeric feature, or a label
     that is none of the dataset's classes."""
+    prediction_skipped: int
+    """The labelled predictions among them."""
 
 
 def _target_schema(dataset: trainer_pb.Dataset, data: trainer_pb.DatasetSpec) -> _TargetSchema:
@@ -432,6 +445,7 @@ def _build_training_file(
         reference_rows=len(parts[0].labels),
         prediction_rows=len(parts[1].labels),
         skipped=parts[0].skipped + parts[1].skipped,
+        prediction_skipped=parts[1].skipped,
     )
 
 

@@ -1,20 +1,26 @@
 """The alerting RPCs of ``MonitorService``: SLOs, alert rules, alerts and the
 ``WatchAlerts`` stream. Rules are evaluated by :class:`~.alerts.AlertEngine`
-at each window close; this module only stores and reads."""
+at each window close; this module checks requests, stores and reads, and
+leaves every change to alerts (and to rules, which resolves alerts) to the
+engine, which serialises them with window evaluation."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
-from datetime import UTC, datetime
+import uuid
+from collections.abc import AsyncIterator, Callable, Sequence
+from datetime import UTC
 from functools import partial
-from typing import Any, Final
+from typing import Any, Final, TypeVar, cast
 
+from google.protobuf.descriptor import Descriptor
 from google.protobuf.field_mask_pb2 import FieldMask
+from google.protobuf.message import Message
 
 from conveyor.monitor.v1 import monitor_messages_pb2 as rpc
 from conveyor.monitor.v1 import resources_pb2 as pb
+from conveyor.services.monitor import alert_filter
 from conveyor.services.monitor.alert_store import AlertStore
-from conveyor.services.monitor.alerting import acknowledge, check_alert_rule
+from conveyor.services.monitor.alerting import check_alert_rule
 from conveyor.services.monitor.alerts import AlertEngine
 from conveyor.services.monitor.slo import check_slo
 from conveyor.shared import names, pagination
@@ -23,6 +29,7 @@ from conveyor.shared.errors import (
     FailedPreconditionError,
     FieldViolation,
     InvalidArgumentError,
+    UnavailableError,
     invalid_field,
     raise_if_any,
 )
@@ -31,12 +38,15 @@ from conveyor.shared.registry_client import RegistryClient
 from conveyor.shared.workers import WorkerThreads
 
 MAX_COMMENT: Final = 1_024
-SLO_UPDATABLE: Final = frozenset(
-    {"display_name", "indicator", "latency_threshold", "goal", "rolling_period"}
+MAX_REQUEST_ID: Final = 64
+SLO_MUTABLE: Final = frozenset(
+    {"display_name", "model_version", "latency_threshold", "goal", "rolling_period"}
 )
-RULE_UPDATABLE: Final = frozenset(
+SLO_IMMUTABLE: Final = frozenset({"model", "indicator"})
+RULE_MUTABLE: Final = frozenset(
     {
         "display_name",
+        "model_version",
         "drift",
         "performance",
         "slo",
@@ -48,25 +58,38 @@ RULE_UPDATABLE: Final = frozenset(
         "disabled",
     }
 )
-CONDITIONS: Final = frozenset({"drift", "performance", "slo", "outliers"})
+RULE_IMMUTABLE: Final = frozenset({"model"})
+_BOOLEANS: Final = ("TRUE", "FALSE")
 _STATES: Final = tuple(n.removeprefix("ALERT_STATE_") for n in pb.AlertState.keys()[1:])
 _SEVERITIES: Final = tuple(n.removeprefix("ALERT_SEVERITY_") for n in pb.AlertSeverity.keys()[1:])
+_INDICATORS: Final = tuple(
+    n.removeprefix("SERVICE_LEVEL_INDICATOR_") for n in pb.ServiceLevelIndicator.keys()[1:]
+)
 SLO_FILTERS: Final = {
     "model": FilterField(FieldKind.STRING),
     "model_version": FilterField(FieldKind.STRING),
+    "indicator": FilterField(FieldKind.ENUM, enum_values=_INDICATORS),
+    "status.met": FilterField(FieldKind.ENUM, enum_values=_BOOLEANS),
 }
 RULE_FILTERS: Final = {
-    **SLO_FILTERS,
-    "disabled": FilterField(FieldKind.ENUM, enum_values=("true", "false")),
-}
-ALERT_FILTERS: Final = {
+    "model": FilterField(FieldKind.STRING),
     "model_version": FilterField(FieldKind.STRING),
-    "alert_rule": FilterField(FieldKind.STRING),
+    "severity": FilterField(FieldKind.ENUM, enum_values=_SEVERITIES),
+    "disabled": FilterField(FieldKind.ENUM, enum_values=_BOOLEANS),
+}
+WATCH_FILTERS: Final = {
     "state": FilterField(FieldKind.ENUM, enum_values=_STATES),
     "severity": FilterField(FieldKind.ENUM, enum_values=_SEVERITIES),
-    "open_time": FilterField(FieldKind.TIMESTAMP),
+    "alert_rule": FilterField(FieldKind.STRING),
+    "model": FilterField(FieldKind.STRING),
+    "model_version": FilterField(FieldKind.STRING),
 }
-WATCH_POLL_S: Final = 0.2
+ALERT_FILTERS: Final = {**WATCH_FILTERS, "open_time": FilterField(FieldKind.TIMESTAMP)}
+WATCH_POLL_S: Final = 2.0
+"""How often a watch looks for stored events nobody told it about (another
+monitor process on the same database); changes made here wake it at once."""
+
+M = TypeVar("M", bound=Message)
 
 
 class AlertServicer:
@@ -93,14 +116,14 @@ class AlertServicer:
         slo.CopyFrom(request.service_level_objective)
         for output in ("name", "status", "create_time", "update_time"):
             slo.ClearField(output)
-        violations = _id_violations(
-            request.service_level_objective_id, "service_level_objective_id"
+        violations = _create_violations(
+            request.service_level_objective_id, "service_level_objective_id", request.request_id
         )
-        violations.extend(_request_id_violations(request.request_id))
+        violations += _violations(lambda: check_slo(slo))
         raise_if_any(violations, "invalid service level objective")
-        check_slo(slo)
         await self._known(slo.model, slo.model_version)
-        slo.name = f"serviceLevelObjectives/{request.service_level_objective_id}"
+        slo_id = request.service_level_objective_id or f"slo-{uuid.uuid4().hex[:12]}"
+        slo.name = f"serviceLevelObjectives/{slo_id}"
         slo.create_time.GetCurrentTime()
         slo.update_time.CopyFrom(slo.create_time)
         stored = await self._threads.run(
@@ -128,10 +151,17 @@ class AlertServicer:
     async def ListServiceLevelObjectives(
         self, request: rpc.ListServiceLevelObjectivesRequest, context: Any
     ) -> rpc.ListServiceLevelObjectivesResponse:
-        found, token = await self._page(request, SLO_FILTERS, self._alerts.all_slos, _slo_field)
+        restrictions = parse_filter(request.filter, SLO_FILTERS)
+        everything = await self._threads.run(self._alerts.all_slos)
+        by_status = any(r.field == "status.met" for r in restrictions)
+        if by_status:  # the filter needs every SLO's compliance
+            everything = [await self._engine.with_status(s) for s in everything]
+        found = [s for s in everything if matches(restrictions, partial(_slo_field, s))]
+        page, token = _page(request, found)
+        if not by_status:
+            page = [await self._engine.with_status(s) for s in page]
         return rpc.ListServiceLevelObjectivesResponse(
-            service_level_objectives=[await self._engine.with_status(s) for s in found],
-            next_page_token=token,
+            service_level_objectives=page, next_page_token=token
         )
 
     async def UpdateServiceLevelObjective(
@@ -139,12 +169,19 @@ class AlertServicer:
     ) -> rpc.UpdateServiceLevelObjectiveResponse:
         given = request.service_level_objective
         name = _name(given.name, "serviceLevelObjectives", field="service_level_objective.name")
-        paths = _mask(request.update_mask.paths, SLO_UPDATABLE)
         current = await self._threads.run(self._alerts.slo, name)
-        updated = pb.ServiceLevelObjective()
-        updated.CopyFrom(current)
-        _merge(given, updated, paths)
+        paths = _mask(
+            request.update_mask.paths,
+            given,
+            current,
+            mutable=SLO_MUTABLE,
+            immutable=SLO_IMMUTABLE,
+            prefix="service_level_objective",
+        )
+        updated = _merged(given, current, paths)
         check_slo(updated)
+        if updated.model_version and updated.model_version != current.model_version:
+            await self._known(updated.model, updated.model_version)
         updated.update_time.GetCurrentTime()
         updated.ClearField("status")
         await self._threads.run(self._alerts.replace_slo, updated)
@@ -169,13 +206,13 @@ class AlertServicer:
         rule.CopyFrom(request.alert_rule)
         for output in ("name", "create_time", "update_time"):
             rule.ClearField(output)
-        violations = _id_violations(request.alert_rule_id, "alert_rule_id")
-        violations.extend(_request_id_violations(request.request_id))
+        violations = _create_violations(request.alert_rule_id, "alert_rule_id", request.request_id)
+        violations += _violations(lambda: check_alert_rule(rule))
         raise_if_any(violations, "invalid alert rule")
-        check_alert_rule(rule)
         await self._known(rule.model, rule.model_version)
         await self._engine.check_references(rule)
-        rule.name = f"alertRules/{request.alert_rule_id}"
+        rule_id = request.alert_rule_id or f"rule-{uuid.uuid4().hex[:12]}"
+        rule.name = f"alertRules/{rule_id}"
         rule.create_time.GetCurrentTime()
         rule.update_time.CopyFrom(rule.create_time)
         stored = await self._threads.run(
@@ -197,37 +234,44 @@ class AlertServicer:
     async def ListAlertRules(
         self, request: rpc.ListAlertRulesRequest, context: Any
     ) -> rpc.ListAlertRulesResponse:
-        found, token = await self._page(request, RULE_FILTERS, self._alerts.all_rules, _rule_field)
-        return rpc.ListAlertRulesResponse(alert_rules=found, next_page_token=token)
+        restrictions = parse_filter(request.filter, RULE_FILTERS)
+        everything = await self._threads.run(self._alerts.all_rules)
+        found = [r for r in everything if matches(restrictions, partial(_rule_field, r))]
+        page, token = _page(request, found)
+        return rpc.ListAlertRulesResponse(alert_rules=page, next_page_token=token)
 
     async def UpdateAlertRule(
         self, request: rpc.UpdateAlertRuleRequest, context: Any
     ) -> rpc.UpdateAlertRuleResponse:
         given = request.alert_rule
         name = _name(given.name, "alertRules", field="alert_rule.name")
-        paths = _mask(request.update_mask.paths, RULE_UPDATABLE)
         current = await self._threads.run(self._alerts.rule, name)
-        updated = pb.AlertRule()
-        updated.CopyFrom(current)
-        if CONDITIONS & set(paths):
-            for condition in CONDITIONS:  # one condition: the new one replaces the old
-                updated.ClearField(condition)  # type: ignore[arg-type]
-        _merge(given, updated, paths)
-        check_alert_rule(updated)
-        await self._engine.check_references(updated)
-        updated.update_time.GetCurrentTime()
-        changed = _condition(updated) != _condition(current)
-        await self._threads.run(self._alerts.replace_rule, updated, reset_state=changed)
-        if updated.disabled and not current.disabled:
-            await self._engine.resolve_rule(updated.name, reason="the rule was disabled")
+        paths = _mask(
+            request.update_mask.paths,
+            given,
+            current,
+            mutable=RULE_MUTABLE,
+            immutable=RULE_IMMUTABLE,
+            prefix="alert_rule",
+        )
+
+        def change(stored: pb.AlertRule) -> pb.AlertRule:
+            updated = _merged(given, stored, paths)
+            check_alert_rule(updated)
+            updated.update_time.GetCurrentTime()
+            return updated
+
+        candidate = change(current)  # checked before anything is stored
+        if candidate.model_version and candidate.model_version != current.model_version:
+            await self._known(candidate.model, candidate.model_version)
+        await self._engine.check_references(candidate)
+        updated = await self._engine.update_rule(name, change)
         return rpc.UpdateAlertRuleResponse(alert_rule=updated)
 
     async def DeleteAlertRule(
         self, request: rpc.DeleteAlertRuleRequest, context: Any
     ) -> rpc.DeleteAlertRuleResponse:
-        name = _name(request.name, "alertRules")
-        await self._threads.run(self._alerts.delete_rule, name)
-        await self._engine.resolve_rule(name, reason="the rule was deleted")
+        await self._engine.delete_rule(_name(request.name, "alertRules"))
         return rpc.DeleteAlertRuleResponse()
 
     # -- alerts -------------------------------------------------------------------------------
@@ -240,69 +284,68 @@ class AlertServicer:
         self, request: rpc.ListAlertsRequest, context: Any
     ) -> rpc.ListAlertsResponse:
         newest = _newest_first(request.order_by)
-        found, token = await self._page(
-            request,
-            ALERT_FILTERS,
-            self._alerts.all_alerts,
-            _alert_field,
-            reverse=newest,
-            extra=request.order_by,
-        )
-        return rpc.ListAlertsResponse(alerts=found, next_page_token=token)
+        selected = alert_filter.parse(request.filter, ALERT_FILTERS)
+        pagination.page_size(request.page_size)  # a bad size before any reading
+        everything = await self._threads.run(self._alerts.all_alerts, newest_first=newest)
+        found = [a for a in everything if selected.matches(partial(_alert_field, a))]
+        page, token = _page(request, found, " ".join(request.order_by.split()))
+        return rpc.ListAlertsResponse(alerts=page, next_page_token=token)
 
     async def AcknowledgeAlert(
         self, request: rpc.AcknowledgeAlertRequest, context: Any
     ) -> rpc.AcknowledgeAlertResponse:
         name = _name(request.name, "alerts")
         if len(request.comment) > MAX_COMMENT:
-            raise invalid_field("comment", "at most 1,024 characters")
-        current = await self._threads.run(self._alerts.alert, name)
-        updated = acknowledge(
-            current,
-            principal=caller_principal(context),
-            comment=request.comment,
-            now=datetime.now(UTC),
+            raise invalid_field(
+                "comment", f"at most {MAX_COMMENT:,} characters, got {len(request.comment):,}"
+            )
+        alert = await self._engine.acknowledge(
+            name, principal=caller_principal(context), comment=request.comment
         )
-        if updated.state != current.state:
-            await self._engine.record([(pb.ALERT_EVENT_TYPE_ACKNOWLEDGED, updated)])
-        return rpc.AcknowledgeAlertResponse(alert=updated)
+        return rpc.AcknowledgeAlertResponse(alert=alert)
 
     async def WatchAlerts(
         self, request: rpc.WatchAlertsRequest, context: Any
     ) -> AsyncIterator[rpc.WatchAlertsResponse]:
-        restrictions = parse_filter(request.filter, ALERT_FILTERS)
         if request.resume_after_sequence < 0:
-            raise invalid_field("resume_after_sequence", "must not be negative")
-        wanted: Callable[[pb.Alert], bool] = lambda alert: matches(  # noqa: E731
-            restrictions, partial(_alert_field, alert)
-        )
-        sequence = request.resume_after_sequence
-        if sequence:
-            first = await self._threads.run(self._alerts.first_sequence)
-            if first is not None and first > sequence + 1:
-                raise FailedPreconditionError(
-                    f"events after {sequence} were purged; watch again from 0",
-                    reason="EVENTS_PURGED",
-                )
-        else:
-            sequence = await self._threads.run(self._alerts.last_sequence)
-            for alert in await self._threads.run(self._alerts.open_alerts):
-                if wanted(alert):
-                    yield rpc.WatchAlertsResponse(
-                        type=pb.ALERT_EVENT_TYPE_EXISTING, alert=alert, sequence=sequence
-                    )
+            raise invalid_field("resume_after_sequence", "must not be negative; 0 to start anew")
+        selected = alert_filter.parse(request.filter, WATCH_FILTERS)
+
+        def wanted(alert: pb.Alert) -> bool:
+            return selected.matches(partial(_alert_field, alert))
+
         async with self._engine.watching() as changed:
-            while True:
-                for event in await self._threads.run(self._alerts.events_after, sequence):
-                    sequence = event.sequence
-                    if wanted(event.alert):
+            sequence = request.resume_after_sequence
+            if sequence:
+                first = await self._threads.run(self._alerts.first_sequence)
+                if first is not None and first > sequence + 1:
+                    raise FailedPreconditionError(
+                        f"the events after {sequence} were purged; watch again from 0",
+                        reason="EVENTS_PURGED",
+                    )
+            else:
+                snapshot = await self._threads.run(self._alerts.snapshot)
+                sequence = snapshot.last_sequence
+                for latest, alert in snapshot.open_alerts:
+                    if wanted(alert):
                         yield rpc.WatchAlertsResponse(
-                            type=event.type,
-                            alert=event.alert,
-                            sequence=event.sequence,
+                            type=pb.ALERT_EVENT_TYPE_EXISTING, alert=alert, sequence=latest
                         )
+            while True:
+                while batch := await self._threads.run(self._alerts.events_after, sequence):
+                    for event in batch:
+                        sequence = event.sequence
+                        if wanted(event.alert):
+                            yield rpc.WatchAlertsResponse(
+                                type=event.type, alert=event.alert, sequence=event.sequence
+                            )
                 if await changed.wait_or_stop(WATCH_POLL_S):
-                    return
+                    raise UnavailableError(
+                        "the monitor is shutting down; watch again with "
+                        f"resume_after_sequence={sequence}",
+                        reason="SHUTTING_DOWN",
+                        metadata={"resume_after_sequence": str(sequence)},
+                    )
 
     # -- helpers ----------------------------------------------------------------------------
 
@@ -312,68 +355,86 @@ class AlertServicer:
         if model_version:
             await self._registry.version(model_version)
 
-    async def _page(
-        self,
-        request: Any,
-        fields: dict[str, FilterField],
-        load: Callable[[], list[Any]],
-        field_of: Callable[[Any, str], object],
-        *,
-        reverse: bool = False,
-        extra: str = "",
-    ) -> tuple[list[Any], str]:
-        size = pagination.page_size(request.page_size)
-        restrictions = parse_filter(request.filter, fields)
-        fingerprint = pagination.fingerprint(request.filter, extra)
-        cursor = pagination.decode_page_token(request.page_token, fingerprint)
-        everything = await self._threads.run(load)
-        if reverse:
-            everything.reverse()
-        found = [m for m in everything if matches(restrictions, partial(field_of, m))]
-        page = found[cursor.offset : cursor.offset + size]
-        has_more = len(found) > cursor.offset + size
-        return page, pagination.next_page_token(has_more, cursor, size, fingerprint)
-
 
 def _name(name: str, collection: str, *, field: str = "name") -> str:
     return f"{collection}/{names.parse_resource_name(name, collection, field=field)}"
 
 
-def _id_violations(resource_id: str, field: str) -> list[FieldViolation]:
+def _violations(check: Callable[[], object]) -> list[FieldViolation]:
     try:
-        names.check_id(resource_id, field=field)
+        check()
     except InvalidArgumentError as error:
         return list(error.violations)
     return []
 
 
-def _request_id_violations(request_id: str) -> list[FieldViolation]:
-    if len(request_id) > 64:
-        return [FieldViolation("request_id", "at most 64 characters")]
-    return []
-
-
-def _mask(paths: Any, updatable: frozenset[str]) -> list[str]:
-    given = list(paths)
+def _create_violations(resource_id: str, field: str, request_id: str) -> list[FieldViolation]:
+    """The id (optional: generated when empty) and the request id."""
     violations = []
-    if not given:
-        violations.append(FieldViolation("update_mask", "required: name the fields to change"))
-    for index, path in enumerate(given):
-        if path.split(".")[0] not in updatable:
-            violations.append(
-                FieldViolation(
-                    f"update_mask.paths[{index}]",
-                    f"{path!r} cannot be updated; updatable: {', '.join(sorted(updatable))}",
+    if resource_id:
+        violations += _violations(lambda: names.check_id(resource_id, field=field))
+    if len(request_id) > MAX_REQUEST_ID:
+        violations.append(
+            FieldViolation("request_id", f"at most {MAX_REQUEST_ID} characters (a UUID)")
+        )
+    return violations
+
+
+def _page(request: Any, found: Sequence[M], *extra: str) -> tuple[list[M], str]:
+    """The page of ``found`` the request asks for, and the next page's token."""
+    size = pagination.page_size(request.page_size)
+    fingerprint = pagination.fingerprint(request.filter, *extra)
+    cursor = pagination.decode_page_token(request.page_token, fingerprint)
+    page = list(found[cursor.offset : cursor.offset + size])
+    has_more = len(found) > cursor.offset + size
+    return page, pagination.next_page_token(has_more, cursor, size, fingerprint)
+
+
+def _mask(
+    paths: Sequence[str],
+    given: Message,
+    current: Message,
+    *,
+    mutable: frozenset[str],
+    immutable: frozenset[str],
+    prefix: str,
+) -> list[str]:
+    """The paths to replace: the mask's, or every mutable field when it is
+    empty (then an immutable field may only repeat its stored value)."""
+    descriptor = cast(Descriptor, given.DESCRIPTOR)
+    violations = []
+    if not paths:
+        for field in sorted(immutable):
+            value = getattr(given, field)
+            if value and value != getattr(current, field):
+                violations.append(
+                    FieldViolation(f"{prefix}.{field}", "immutable: it cannot be changed")
                 )
-            )
+        raise_if_any(violations, "invalid update")
+        return sorted(mutable)
+    for index, path in enumerate(paths):
+        head = path.split(".")[0]
+        if head in immutable:
+            problem = f"{path!r} is immutable"
+        elif head not in mutable or not FieldMask(paths=[path]).IsValidForDescriptor(descriptor):
+            problem = f"{path!r} cannot be updated; updatable: {', '.join(sorted(mutable))}"
+        else:
+            continue
+        violations.append(FieldViolation(f"update_mask.paths[{index}]", problem))
     raise_if_any(violations, "invalid update mask")
-    return given
+    return list(paths)
 
 
-def _merge(given: Any, target: Any, paths: list[str]) -> None:
+def _merged(given: M, current: M, paths: list[str]) -> M:
+    """``current`` with the fields of ``paths`` taken from ``given`` (a
+    condition or message replaced whole; naming another condition replaces
+    the rule's condition, as they are one ``oneof``)."""
+    updated = type(current)()
+    updated.CopyFrom(current)
     FieldMask(paths=paths).MergeMessage(
-        given, target, replace_message_field=True, replace_repeated_field=True
+        given, updated, replace_message_field=True, replace_repeated_field=True
     )
+    return updated
 
 
 def _newest_first(order_by: str) -> bool:
@@ -385,21 +446,25 @@ def _newest_first(order_by: str) -> bool:
     raise invalid_field("order_by", "'open_time desc' (the default) or 'open_time asc'")
 
 
-def _condition(rule: pb.AlertRule) -> tuple[str | None, bytes]:
-    """The rule's condition, comparable: a change restarts the window counts."""
-    which = rule.WhichOneof("condition")
-    body = getattr(rule, which).SerializeToString(deterministic=True) if which else b""
-    return which, body
+def _boolean(value: bool) -> str:
+    return "TRUE" if value else "FALSE"
 
 
 def _slo_field(slo: pb.ServiceLevelObjective, field: str) -> object:
+    if field == "indicator":
+        return pb.ServiceLevelIndicator.Name(slo.indicator).removeprefix("SERVICE_LEVEL_INDICATOR_")
+    if field == "status.met":
+        return _boolean(slo.status.met) if slo.HasField("status") else None
     value: object = getattr(slo, field)
     return value
 
 
 def _rule_field(rule: pb.AlertRule, field: str) -> object:
     if field == "disabled":
-        return "true" if rule.disabled else "false"
+        return _boolean(rule.disabled)
+    if field == "severity":
+        severity = rule.severity or pb.ALERT_SEVERITY_WARNING
+        return pb.AlertSeverity.Name(severity).removeprefix("ALERT_SEVERITY_")
     value: object = getattr(rule, field)
     return value
 
@@ -411,5 +476,7 @@ def _alert_field(alert: pb.Alert, field: str) -> object:
         return pb.AlertSeverity.Name(alert.severity).removeprefix("ALERT_SEVERITY_")
     if field == "open_time":
         return alert.open_time.ToDatetime(tzinfo=UTC)
+    if field == "model":
+        return alert.model_version.split("/versions/")[0]
     value: object = getattr(alert, field)
     return value

@@ -5,6 +5,11 @@ The rule logic (conditions, hysteresis) is :mod:`.alerting`'s and SLO
 arithmetic :mod:`.slo`'s; this module joins them to the store, the actions
 and the watchers. Changes are stored before watchers hear of them, so a
 watcher that reconnects with its last sequence misses nothing.
+
+Every read-modify-write of alerts and rule states (window evaluation,
+acknowledgements, action progress, rule updates and deletions) runs under one
+lock, so none of them overwrites another's change: an acknowledgement is
+never lost to a window that updates the same alert, nor an action's outcome.
 """
 
 from __future__ import annotations
@@ -13,18 +18,19 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections.abc import AsyncIterator, Coroutine, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from datetime import UTC, datetime
 from typing import Any, Final
 
 from conveyor.monitor.v1 import resources_pb2 as pb
 from conveyor.services.monitor import slo as slos
 from conveyor.services.monitor.actions import ActionRunner
-from conveyor.services.monitor.alert_store import AlertEvent, AlertStore
+from conveyor.services.monitor.alert_store import AlertEvent, AlertStore, Change
 from conveyor.services.monitor.alerting import (
     RuleState,
     SloMeasurement,
     WindowFindings,
+    acknowledge,
     advance,
     applies_to,
     evaluate_condition,
@@ -43,6 +49,12 @@ from conveyor.shared.workers import WorkerThreads
 logger = logging.getLogger(__name__)
 
 MAX_WATCHES: Final = 256
+_UNFINISHED: Final = (pb.ACTION_STATE_PENDING, pb.ACTION_STATE_RUNNING)
+
+
+def new_alert_name() -> str:
+    """A fresh ``alerts/{id}``; ids start with a letter, as every id must."""
+    return f"alerts/alert-{uuid.uuid4().hex[:16]}"
 
 
 class _Watch:
@@ -87,7 +99,9 @@ class AlertEngine:
         self._lock = asyncio.Lock()
 
     def start(self) -> None:
-        """Nothing runs between windows: actions start as alerts open."""
+        """Finish the actions a previous run left PENDING or RUNNING (it
+        stopped while they ran); otherwise nothing runs between windows."""
+        self._spawn(self._resume_actions())
 
     async def close(self) -> None:
         self.stop_watches()
@@ -110,6 +124,8 @@ class AlertEngine:
 
     @contextlib.asynccontextmanager
     async def watching(self) -> AsyncIterator[_Watch]:
+        """A wake-up for one ``WatchAlerts`` stream; RESOURCE_EXHAUSTED when
+        :data:`MAX_WATCHES` are open."""
         if len(self._watches) >= MAX_WATCHES:
             raise ResourceExhaustedError(
                 f"{MAX_WATCHES} alert watches are open; retry later", reason="TOO_MANY_WATCHES"
@@ -158,21 +174,26 @@ class AlertEngine:
     # -- rules ---------------------------------------------------------------------
 
     async def check_references(self, rule: pb.AlertRule) -> None:
-        """What a rule names must exist and fit: its SLO (of the same model) and,
-        for a feature drift condition on a version, the feature in its schema."""
+        """What a rule names must exist and fit: its SLO (NOT_FOUND; of the
+        same model, INVALID_ARGUMENT) and, for a feature drift condition on a
+        version, the feature in the version's schema (INVALID_ARGUMENT)."""
         violations: list[FieldViolation] = []
         condition = rule.WhichOneof("condition")
         if condition == "slo":
             name = rule.slo.service_level_objective
-            try:
-                slo = await self._workers.run(self._store.slo, name)
-            except NotFoundError:
-                raise NotFoundError(f"{name} does not exist", reason="SLO_NOT_FOUND") from None
+            slo = await self._workers.run(self._store.slo, name)
             if slo.model != rule.model:
                 violations.append(
                     FieldViolation(
                         "alert_rule.slo.service_level_objective",
                         f"{name} is on {slo.model}, not {rule.model}",
+                    )
+                )
+            elif slo.model_version and rule.model_version not in ("", slo.model_version):
+                violations.append(
+                    FieldViolation(
+                        "alert_rule.slo.service_level_objective",
+                        f"{name} counts only {slo.model_version}, not {rule.model_version}",
                     )
                 )
         if (
@@ -181,11 +202,13 @@ class AlertEngine:
             and rule.model_version
         ):
             profile = await self._profiles.get(rule.model_version)
-            if rule.drift.feature not in {f.name for f in profile.schema.features}:
+            names = [f.name for f in profile.schema.features]
+            if rule.drift.feature not in names:
                 violations.append(
                     FieldViolation(
                         "alert_rule.drift.feature",
-                        f"{rule.model_version} has no feature {rule.drift.feature!r}",
+                        f"{rule.model_version} has no feature {rule.drift.feature!r}; "
+                        f"its features: {', '.join(names[:20]) or 'none'}",
                     )
                 )
         raise_if_any(violations, "invalid alert rule")
@@ -202,17 +225,16 @@ class AlertEngine:
     async def _advance(self, rule: pb.AlertRule, findings: WindowFindings) -> None:
         version = findings.model_version
         stored = await self._workers.run(self._store.rule_state, rule.name, version)
-        state = RuleState()
-        if stored is not None:
-            open_alert = None
-            opened = [
-                a
-                for a in await self._workers.run(self._store.open_alerts, rule.name)
-                if a.model_version == version
-            ]
-            if opened:
-                open_alert = opened[0]
-            state = RuleState.from_json(stored, open_alert)
+        opened = await self._workers.run(self._store.open_alerts, rule.name, version)
+        open_alert = opened[0] if opened else None
+        # Without a stored state (a new rule, or a changed condition restarted
+        # its streaks) an open alert still stands for the incident: it is
+        # updated or resolved, never joined by a second one.
+        state = (
+            RuleState(open_alert=open_alert)
+            if stored is None
+            else RuleState.from_json(stored, open_alert)
+        )
         result = evaluate_condition(rule, findings)
         after, transitions = advance(
             rule,
@@ -220,7 +242,7 @@ class AlertEngine:
             result,
             findings,
             now=datetime.now(UTC),
-            new_alert_name=lambda: f"alerts/{uuid.uuid4().hex[:20]}",
+            new_alert_name=new_alert_name,
         )
         if after == state and not transitions:
             return
@@ -231,51 +253,137 @@ class AlertEngine:
             model_version=version,
             state=after.to_json(),
         )
-        self._notify()
+        self._announce(events)
         for event in events:
-            logger.info(
-                "alert %s: %s (%s)",
-                pb.AlertEventType.Name(event.type).removeprefix("ALERT_EVENT_TYPE_").lower(),
-                event.alert.name,
-                event.alert.summary,
-            )
             if event.type == pb.ALERT_EVENT_TYPE_OPENED and rule.actions:
-                self._spawn(self._run_actions(rule, event.alert))
+                self._spawn(self._run_actions(rule, event.alert.name, 0))
 
-    async def resolve_rule(self, rule_name: str, *, reason: str) -> None:
-        """Resolve the rule's open alerts (deleted or disabled rule)."""
+    async def update_rule(
+        self, name: str, change: Callable[[pb.AlertRule], pb.AlertRule]
+    ) -> pb.AlertRule:
+        """Store ``change(current rule)``. A changed condition or scope
+        restarts the rule's streaks; disabling it resolves its open alerts, and
+        narrowing its scope resolves those on versions it no longer watches."""
+        async with self._lock:
+            current = await self._workers.run(self._store.rule, name)
+            updated = change(current)
+            now = datetime.now(UTC)
+            changes: list[Change] = []
+            for alert in await self._workers.run(self._store.open_alerts, name):
+                if updated.disabled:
+                    reason = "the rule was disabled"
+                elif not applies_to(updated, alert.model_version):
+                    reason = f"the rule no longer watches {alert.model_version}"
+                else:
+                    continue
+                changes.append(
+                    (pb.ALERT_EVENT_TYPE_RESOLVED, resolve(alert, now=now, reason=reason))
+                )
+            reset = (
+                _condition(updated) != _condition(current)
+                or updated.model_version != current.model_version
+                or updated.disabled != current.disabled
+            )
+            events = await self._workers.run(
+                self._store.replace_rule, updated, reset_state=reset, changes=changes
+            )
+        self._announce(events)
+        await self._export_open_alerts()
+        return updated
+
+    async def delete_rule(self, name: str) -> None:
+        """Delete the rule and resolve its open alerts, at once."""
         async with self._lock:
             now = datetime.now(UTC)
-            opened = await self._workers.run(self._store.open_alerts, rule_name)
-            changes = [
-                (pb.ALERT_EVENT_TYPE_RESOLVED, resolve(a, now=now, reason=reason)) for a in opened
+            changes: list[Change] = [
+                (pb.ALERT_EVENT_TYPE_RESOLVED, resolve(a, now=now, reason="the rule was deleted"))
+                for a in await self._workers.run(self._store.open_alerts, name)
             ]
-            if changes:
-                await self.record(changes)
+            events = await self._workers.run(self._store.delete_rule, name, changes=changes)
+        self._announce(events)
         await self._export_open_alerts()
 
-    async def record(
-        self, changes: Sequence[tuple[pb.AlertEventType.ValueType, pb.Alert]]
-    ) -> list[AlertEvent]:
-        """Store alert changes made outside rule evaluation and wake watchers."""
-        events = await self._workers.run(self._store.record, changes)
-        self._notify()
-        return events
+    # -- alerts --------------------------------------------------------------------------
+
+    async def acknowledge(self, name: str, *, principal: str, comment: str) -> pb.Alert:
+        """Acknowledge the alert (unchanged when it already is);
+        FAILED_PRECONDITION once resolved."""
+        async with self._lock:
+            current = await self._workers.run(self._store.alert, name)
+            updated = acknowledge(
+                current, principal=principal, comment=comment, now=datetime.now(UTC)
+            )
+            if updated.state == current.state:
+                return updated
+            events = await self._workers.run(
+                self._store.record, [(pb.ALERT_EVENT_TYPE_ACKNOWLEDGED, updated)]
+            )
+        self._announce(events)
+        await self._export_open_alerts()
+        return updated
 
     # -- actions ---------------------------------------------------------------------
 
-    async def _run_actions(self, rule: pb.AlertRule, alert: pb.Alert) -> None:
-        """Run the rule's actions in order, storing each one's progress."""
-        for index, action in enumerate(rule.actions):
-            current = await self._workers.run(self._store.alert, alert.name)
-            current.actions[index].state = pb.ACTION_STATE_RUNNING
-            current.actions[index].start_time.GetCurrentTime()
-            await self.record([(pb.ALERT_EVENT_TYPE_UPDATED, current)])
-            execution = await self._actions.run(current, action)
-            finished = await self._workers.run(self._store.alert, alert.name)
-            finished.actions[index].CopyFrom(execution)
-            finished.update_time.GetCurrentTime()
-            await self.record([(pb.ALERT_EVENT_TYPE_UPDATED, finished)])
+    async def _run_actions(self, rule: pb.AlertRule, alert_name: str, first: int) -> None:
+        """Run the rule's actions from ``first`` on, in order, storing each
+        one's progress (RUNNING, then its outcome) as an UPDATED event."""
+        for index in range(first, len(rule.actions)):
+
+            def running(alert: pb.Alert, index: int = index) -> None:
+                alert.actions[index].state = pb.ACTION_STATE_RUNNING
+                alert.actions[index].start_time.GetCurrentTime()
+
+            alert = await self._change_alert(alert_name, running)
+            execution = await self._actions.run(alert, rule.actions[index])
+
+            def finished(
+                alert: pb.Alert, index: int = index, execution: pb.ActionExecution = execution
+            ) -> None:
+                alert.actions[index].CopyFrom(execution)
+
+            await self._change_alert(alert_name, finished)
+
+    async def _change_alert(self, name: str, change: Callable[[pb.Alert], None]) -> pb.Alert:
+        async with self._lock:
+            alert = await self._workers.run(self._store.alert, name)
+            change(alert)
+            alert.update_time.GetCurrentTime()
+            events = await self._workers.run(
+                self._store.record, [(pb.ALERT_EVENT_TYPE_UPDATED, alert)]
+            )
+        self._announce(events)
+        return alert
+
+    async def _resume_actions(self) -> None:
+        """Run the actions that a stopped server left unfinished, from the
+        first unfinished one; fail them when their rule is gone or changed."""
+        for alert in await self._workers.run(self._store.all_alerts, newest_first=False):
+            pending = [i for i, a in enumerate(alert.actions) if a.state in _UNFINISHED]
+            if not pending:
+                continue
+            try:
+                rule = await self._workers.run(self._store.rule, alert.alert_rule)
+            except NotFoundError:
+                rule = None
+            kinds = [a.kind for a in alert.actions]
+            message = ""
+            if alert.state == pb.ALERT_STATE_RESOLVED:
+                message = "the monitor stopped before the action ran, and the alert resolved"
+            elif rule is None or [_action_kind(a) for a in rule.actions] != kinds:
+                message = f"{alert.alert_rule} was deleted or changed before the action ran"
+            if rule is None or message:
+
+                def abandon(alert: pb.Alert, message: str = message) -> None:
+                    for execution in alert.actions:
+                        if execution.state in _UNFINISHED:
+                            execution.state = pb.ACTION_STATE_FAILED
+                            execution.message = message
+                            execution.end_time.GetCurrentTime()
+
+                await self._change_alert(alert.name, abandon)
+                continue
+            logger.info("resuming the actions of %s", alert.name)
+            await self._run_actions(rule, alert.name, pending[0])
 
     def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.ensure_future(work)
@@ -285,13 +393,22 @@ class AlertEngine:
     def _done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
-            logger.error("an alert action failed", exc_info=task.exception())
+            logger.error("alert actions failed", exc_info=task.exception())
 
     # -- helpers ----------------------------------------------------------------------
 
-    def _notify(self) -> None:
-        for watch in self._watches:
-            watch.notify()
+    def _announce(self, events: Sequence[AlertEvent]) -> None:
+        """Log stored events and wake the watchers."""
+        for event in events:
+            logger.info(
+                "alert %s: %s (%s)",
+                pb.AlertEventType.Name(event.type).removeprefix("ALERT_EVENT_TYPE_").lower(),
+                event.alert.name,
+                event.alert.summary,
+            )
+        if events:
+            for watch in self._watches:
+                watch.notify()
 
     async def _export_open_alerts(self) -> None:
         counts: dict[tuple[str, str], int] = {}
@@ -305,3 +422,16 @@ class AlertEngine:
             self._metrics.set_open_alerts(counts)
         except ValueError as error:
             logger.warning("open alerts not exported: %s", error)
+
+
+def _condition(rule: pb.AlertRule) -> tuple[str | None, bytes]:
+    """The rule's condition, comparable: a change restarts the window counts."""
+    which = rule.WhichOneof("condition")
+    body = getattr(rule, which).SerializeToString(deterministic=True) if which else b""
+    return which, body
+
+
+def _action_kind(action: pb.AlertAction) -> pb.ActionKind.ValueType:
+    if action.WhichOneof("action") == "rollback":
+        return pb.ACTION_KIND_ROLLBACK
+    return pb.ACTION_KIND_RETRAIN

@@ -6,10 +6,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets as random_secrets
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Final
-
-from google.protobuf.message import Message
 
 from conveyor.monitor.v1 import monitor_service_pb2, monitor_service_pb2_grpc
 from conveyor.registry.v1 import registry_service_pb2
@@ -17,6 +15,7 @@ from conveyor.services.monitor.actions import ActionRunner
 from conveyor.services.monitor.alert_servicer import AlertServicer
 from conveyor.services.monitor.alert_store import AlertStore
 from conveyor.services.monitor.alerts import AlertEngine
+from conveyor.services.monitor.authorization import monitor_resolver
 from conveyor.services.monitor.canary_analysis import CanaryAnalyst
 from conveyor.services.monitor.evaluation import WindowEvaluator
 from conveyor.services.monitor.ingest import SubjectHasher
@@ -27,9 +26,8 @@ from conveyor.services.monitor.servicer import Ingestor, MonitorServicer
 from conveyor.services.monitor.settings import MonitorSettings
 from conveyor.services.monitor.store import MonitorStore
 from conveyor.shared.auth.credentials import server_auth_interceptors, service_channel
-from conveyor.shared.auth.interceptor import AuthInterceptor, ResourceResolver, default_resource
-from conveyor.shared.auth.principal import Resource, model_attributes
-from conveyor.shared.errors import ConveyorError, NotFoundError
+from conveyor.shared.auth.interceptor import AuthInterceptor
+from conveyor.shared.errors import NotFoundError
 from conveyor.shared.metrics_http import MetricsServer, start_metrics_server
 from conveyor.shared.registry_client import RegistryClient
 from conveyor.shared.secrets import SecretStore
@@ -94,24 +92,6 @@ def subject_key(store: SecretStore, path: str) -> bytes:
         key = random_secrets.token_bytes(32)
         store.write_secret(path, {SUBJECT_KEY_FIELD: key.hex()})
         return key
-
-
-def monitor_resolver(registry: RegistryClient) -> ResourceResolver:
-    """Names a call's resource for policy: a model (and what names one) carries
-    its owner team from the registry."""
-
-    async def resolve(method: str, request: Message) -> Resource:
-        resource = default_resource("monitor", method, request)
-        segments = resource.name.split("/")
-        if len(segments) < 2 or segments[0] != "models":
-            return resource
-        try:
-            model = await registry.model(f"models/{segments[1].split('@')[0]}")
-        except ConveyorError:
-            return resource
-        return replace(resource, owner_team=model.owner_team, attributes=model_attributes(model))
-
-    return resolve
 
 
 async def build_server(
@@ -186,7 +166,9 @@ async def build_monitor(
         ),
         AlertServicer(alert_store, engine, registry, workers),
     )
-    interceptors = server_auth_interceptors(settings, secrets, resolver=monitor_resolver(registry))
+    interceptors = server_auth_interceptors(
+        settings, secrets, resolver=monitor_resolver(registry, alert_store)
+    )
     server = await create_server(
         settings,
         [

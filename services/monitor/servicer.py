@@ -341,7 +341,9 @@ class MonitorServicer:
         if model is not None:
             await self._registry.model(model)
         # The auth interceptor asked policy before this ran: the decision that
-        # allowed the erasure is already in the audit log (fail closed).
+        # allowed the erasure is already in the audit log (fail closed). With
+        # authentication off (local development) there is no decision to name.
+        decision = current_decision_id.get()
         erased, erased_feedback = await self._workers.run(
             self._store.erase_subject, self._hasher(request.subject_key), model
         )
@@ -351,7 +353,7 @@ class MonitorServicer:
         return rpc.ErasePredictionsResponse(
             erased_predictions=erased,
             erased_feedback=erased_feedback,
-            decision=current_decision_id.get() or "",
+            decision=f"decisions/{decision}" if decision else "",
         )
 
     # -- references --------------------------------------------------------------

@@ -39,10 +39,10 @@ class MonitorSettings(ServiceSettings):
     """The trainer (``CONVEYOR_TRAINER_ADDR``), which retraining actions call."""
 
     subject_key_secret: str = Field(
-        default="monitor-subject-key", pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$"
+        default="monitor/subject-key", pattern=r"^[A-Za-z0-9][A-Za-z0-9_./-]{0,127}$"
     )
-    """The secret store's secret whose value keys the hash of subject keys and
-    hashed personal features (created on first use)."""
+    """The secret store's KV path whose ``key`` keys the hash of subject keys
+    and hashed personal features (created on first start)."""
 
     ingest_capacity: int = Field(default=200_000, ge=1_000, le=100_000_000)
     """Prediction records being validated and stored at once, over every

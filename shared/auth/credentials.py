@@ -55,6 +55,7 @@ DEV_USERS: Final = (
     Principal(kind="user", id="erin", roles=("ml_engineer",), team="team-a"),
     Principal(kind="user", id="bob", roles=("approver",)),
     Principal(kind="user", id="sam", roles=("security_auditor",)),
+    Principal(kind="user", id="priya", roles=("privacy_officer",)),
 )
 """The local users ``conveyor up`` issues tokens to: one per role."""
 

@@ -20,21 +20,20 @@ import re
 import socket
 import struct
 import sys
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import grpc
+import numpy as np
 import pytest
 
 from conveyor.monitor.v1 import monitor_messages_pb2 as rpc
-from conveyor.monitor.v1 import monitor_service_pb2_grpc
 from conveyor.monitor.v1 import resources_pb2 as pb
 from conveyor.services import cli
 from conveyor.services.monitor import cli as monitor_cli
 from conveyor.services.monitor.html_report import DPI, FIGURE_INCHES, render_html
+from tests.monitor.conftest import Suite, records
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 START = datetime(2026, 1, 31, 12, 0, tzinfo=UTC)
@@ -367,46 +366,20 @@ async def test_bad_arguments_are_usage_errors(capsys: pytest.CaptureFixture[str]
     )
 
 
-# -- the command against a stand-in monitor -----------------------------------------
+# -- the command against a real monitor -------------------------------------------
 
 
-@dataclass
-class StandIn(monitor_service_pb2_grpc.MonitorServiceServicer):
-    """Answers ``GetDriftReport`` with ``report``, or with NOT_FOUND for a window
-    index above 41; remembers the requests."""
-
-    report: pb.DriftReport
-    requests: list[rpc.GetDriftReportRequest] = field(default_factory=list)
-
-    async def GetDriftReport(self, request: rpc.GetDriftReportRequest, context: Any) -> Any:
-        self.requests.append(request)
-        if request.window.WhichOneof("selector") == "index" and request.window.index > 41:
-            await context.abort(grpc.StatusCode.NOT_FOUND, "window 99 has not been reached")
-        report = pb.DriftReport()
-        report.CopyFrom(self.report)
-        if not request.include_distributions:
-            for drift in [*report.features, report.prediction]:
-                drift.ClearField("distribution")
-        return rpc.GetDriftReportResponse(drift_report=report)
-
-
-@dataclass
-class Served:
-    target: str
-    monitor: StandIn
-
-
-@pytest.fixture
-async def served() -> AsyncIterator[Served]:
-    server = grpc.aio.server()
-    monitor = StandIn(full_report())
-    monitor_service_pb2_grpc.add_MonitorServiceServicer_to_server(monitor, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    try:
-        yield Served(f"127.0.0.1:{port}", monitor)
-    finally:
-        await server.stop(None)
+async def drifted_cnn(suite: Suite) -> str:
+    """``cnn`` with a reference and two closed windows, the second one drifted in x2."""
+    version = await suite.register("cnn")
+    rng = np.random.default_rng(7)
+    await suite.set_reference(version, rng.normal(size=(600, 4)))
+    await suite.configure("models/cnn", ["window"], window=pb.WindowSpec(row_count=300))
+    await suite.log(records(version, rng.normal(size=(300, 4)), prefix="a"))
+    shifted = rng.normal(size=(300, 4))
+    shifted[:, 2] += 1.0
+    await suite.log(records(version, shifted, prefix="b"))
+    return version
 
 
 @dataclass
@@ -425,62 +398,60 @@ async def conveyor(capsys: pytest.CaptureFixture[str], *argv: str) -> Result:
 
 
 async def test_drift_prints_the_report_as_a_table_json_and_a_page(
-    served: Served, capsys: pytest.CaptureFixture[str], tmp_path: Path
+    suite: Suite, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
-    table = await conveyor(capsys, "cnn", "--monitor", served.target)
-    assert (table.code, table.err) == (0, "")
-    assert table.out.startswith("version:        models/cnn/versions/3 (models/cnn@production)\n")
-    assert rows_of(table.out)["age"][-1] == "DRIFT"
-    assert served.monitor.requests[-1] == rpc.GetDriftReportRequest(
-        model_version="models/cnn@production"
-    )
+    version = await drifted_cnn(suite)
+    target = f"127.0.0.1:{suite.parts.server.port}"
 
-    machine = await conveyor(capsys, "cnn@3", "--open", "--json", "--monitor", served.target)
+    table = await conveyor(capsys, "cnn", "--monitor", target)
+    assert (table.code, table.err) == (0, "")
+    assert table.out.startswith(f"version:        {version} (models/cnn@production)\n")
+    assert rows_of(table.out)["x2"][-1] == "DRIFT"
+    assert rows_of(table.out)["x0"][-1] == "ok"
+
+    machine = await conveyor(capsys, "cnn@1", "--window", "0", "--json", "--monitor", target)
     assert machine.code == 0
     report = json.loads(machine.out)["drift_report"]
-    assert report["model_version"] == "models/cnn/versions/3"
-    assert [f["feature"] for f in report["features"]][:2] == ["age", "income"]
-    assert report["features"][0]["adjusted_p_value"] == 6.17e-9
-    assert served.monitor.requests[-1].window.open_window
+    assert report["model_version"] == version
+    assert [f["feature"] for f in report["features"]] == ["x0", "x1", "x2", "x3"]
+    assert not any(f.get("drifted") for f in report["features"])
 
-    page = tmp_path / "drift.html"
-    written = await conveyor(
-        capsys, "cnn", "--since", "2h", "--html", str(page), "--monitor", served.target
-    )
+    pages = tmp_path / "pages"
+    pages.mkdir()
+    page = pages / "drift.html"
+    written = await conveyor(capsys, "cnn", "--html", str(page), "--monitor", target)
     assert written.code == 0
     assert written.err == f"wrote {page}\n"
-    assert served.monitor.requests[-1].include_distributions
-    assert page.read_text(encoding="utf-8").count("data:image/png;base64,") == 5
-    assert await asyncio.to_thread(lambda: [path.name for path in tmp_path.iterdir()]) == [
+    assert page.read_text(encoding="utf-8").count("data:image/png;base64,") == 5  # and prediction
+    assert await asyncio.to_thread(lambda: [path.name for path in pages.iterdir()]) == [
         "drift.html"  # the page, and no partial file beside it
     ]
 
 
 async def test_failed_calls_say_what_to_do_next(
-    served: Served,
+    suite: Suite,
     capsys: pytest.CaptureFixture[str],
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    missing = await conveyor(capsys, "cnn", "--window", "99", "--monitor", served.target)
+    version = await drifted_cnn(suite)
+    target = f"127.0.0.1:{suite.parts.server.port}"
+    missing = await conveyor(capsys, "cnn", "--window", "99", "--monitor", target)
     assert (missing.code, missing.out) == (1, "")
     assert missing.err == (
-        "conveyor: NOT_FOUND: window 99 has not been reached\n"
+        f"conveyor: NOT_FOUND: {version} has not reached window 99 [WINDOW_NOT_FOUND]\n"
         "hint: window 99 has not been reached yet, or the version does not exist: "
         "`conveyor drift cnn --open` shows the window still filling\n"
     )
     nowhere = tmp_path / "missing" / "drift.html"
-    unwritable = await conveyor(capsys, "cnn", "--html", str(nowhere), "--monitor", served.target)
+    unwritable = await conveyor(capsys, "cnn", "--html", str(nowhere), "--monitor", target)
     assert unwritable.code == 1
     assert unwritable.err.startswith("conveyor: [Errno 2] No such file or directory")
 
     # Without matplotlib (a light install) --html is refused before any call.
-    calls = len(served.monitor.requests)
     monkeypatch.setitem(sys.modules, monitor_cli.HTML_MODULE, None)
-    light = await conveyor(
-        capsys, "cnn", "--html", str(tmp_path / "x.html"), "--monitor", served.target
-    )
-    assert (light.code, light.out, len(served.monitor.requests)) == (1, "", calls)
+    light = await conveyor(capsys, "cnn", "--html", str(tmp_path / "x.html"), "--monitor", target)
+    assert (light.code, light.out) == (1, "")
     assert light.err.startswith("conveyor: FAILED_PRECONDITION: --html needs matplotlib, ")
     assert "hint: install Conveyor with its monitor extra" in light.err
 

@@ -232,6 +232,10 @@ SERVICE_CALLS = {
         "registry.SetAlias",
         "inference.GetDeployment",
         "inference.GetDeploymentStatus",
+        "trainer.GetTrainingJob",
+        "trainer.GetDataset",
+        "trainer.CreateDataset",
+        "trainer.CreateTrainingJob",
     },
     "explainer": {
         "registry.GetModelVersion",
