@@ -6,14 +6,16 @@ The statistics, free of gRPC and storage so that every number can be checked
 against SciPy and scikit-learn: :mod:`.statistics` (drift tests and
 distances), :mod:`.drift` (test choice, corrections, verdicts),
 :mod:`.performance` (quality against registered metrics), :mod:`.outliers`,
-:mod:`.slo`, :mod:`.alerting` (conditions and hysteresis) and :mod:`.canary`.
+:mod:`.slo`, :mod:`.conditions` (what a rule watches, per window),
+:mod:`.alerting` (hysteresis: one alert per incident) and :mod:`.canary`.
 
 The service (``conveyor serve monitor``): :mod:`.server`, :mod:`.servicer`
 (ingest, feedback, references, configs, reports) with :mod:`.ingest`,
 :mod:`.profiles`, :mod:`.references`, :mod:`.config` and :mod:`.reports`;
 :mod:`.store` (the log and its windows); :mod:`.evaluation` (what happens when
-a window closes); :mod:`.alert_servicer`, :mod:`.alert_store`, :mod:`.alerts`
-and :mod:`.actions` (rules, alerts, rollback and retraining);
+a window closes); :mod:`.alert_servicer` with :mod:`.alert_filter`, :mod:`.alert_store`,
+:mod:`.alerts` and :mod:`.actions` (rules, alerts, rollback and retraining);
+:mod:`.authorization` (which model a call is about, for policy);
 :mod:`.canary_analysis`; :mod:`.metrics`; and the ``conveyor drift`` command,
 :mod:`.cli` with :mod:`.html_report`.
 """

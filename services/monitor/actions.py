@@ -47,6 +47,8 @@ from conveyor.shared.errors import (
     AlreadyExistsError,
     ConveyorError,
     FailedPreconditionError,
+    InvalidArgumentError,
+    NotFoundError,
     PermissionDeniedError,
     from_rpc_error,
 )
@@ -98,6 +100,20 @@ class ActionRunner:
         self._workers = workers
         self._timeout = call_timeout.total_seconds()
         self._min_labelled = min_labelled_predictions
+
+    async def check_training_job(self, name: str) -> None:
+        """NOT_FOUND when the trainer has no job ``name`` (a rule's retraining
+        would reuse it). A trainer that cannot be asked now does not block the
+        rule: its action fails, and says why, when it runs."""
+        try:
+            await self._trainer.GetTrainingJob(
+                trainer_rpc.GetTrainingJobRequest(name=name), timeout=self._timeout
+            )
+        except grpc.aio.AioRpcError as error:
+            failure = from_rpc_error(error)
+            if isinstance(failure, NotFoundError | InvalidArgumentError):
+                raise failure from None
+            logger.warning("could not check %s with the trainer: %s", name, failure.message)
 
     async def run(self, alert: pb.Alert, action: pb.AlertAction) -> pb.ActionExecution:
         """Execute ``action`` for ``alert``: the execution, SUCCEEDED, FAILED or

@@ -96,6 +96,8 @@ class AlertEngine:
         self._watches: set[_Watch] = set()
         self._stopping = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._acting: set[str] = set()
+        """Alerts whose actions a task of this engine is running."""
         self._lock = asyncio.Lock()
 
     def start(self) -> None:
@@ -212,6 +214,9 @@ class AlertEngine:
                     )
                 )
         raise_if_any(violations, "invalid alert rule")
+        for action in rule.actions:
+            if action.HasField("retrain") and action.retrain.training_job:
+                await self._actions.check_training_job(action.retrain.training_job)
 
     async def on_window(self, findings: WindowFindings) -> None:
         """Advance every enabled rule that watches the window's version."""
@@ -256,6 +261,7 @@ class AlertEngine:
         self._announce(events)
         for event in events:
             if event.type == pb.ALERT_EVENT_TYPE_OPENED and rule.actions:
+                self._acting.add(event.alert.name)
                 self._spawn(self._run_actions(rule, event.alert.name, 0))
 
     async def update_rule(
@@ -327,6 +333,12 @@ class AlertEngine:
     async def _run_actions(self, rule: pb.AlertRule, alert_name: str, first: int) -> None:
         """Run the rule's actions from ``first`` on, in order, storing each
         one's progress (RUNNING, then its outcome) as an UPDATED event."""
+        try:
+            await self._run_actions_from(rule, alert_name, first)
+        finally:
+            self._acting.discard(alert_name)
+
+    async def _run_actions_from(self, rule: pb.AlertRule, alert_name: str, first: int) -> None:
         for index in range(first, len(rule.actions)):
 
             def running(alert: pb.Alert, index: int = index) -> None:
@@ -356,34 +368,44 @@ class AlertEngine:
 
     async def _resume_actions(self) -> None:
         """Run the actions that a stopped server left unfinished, from the
-        first unfinished one; fail them when their rule is gone or changed."""
-        for alert in await self._workers.run(self._store.all_alerts, newest_first=False):
-            pending = [i for i, a in enumerate(alert.actions) if a.state in _UNFINISHED]
-            if not pending:
-                continue
-            try:
-                rule = await self._workers.run(self._store.rule, alert.alert_rule)
-            except NotFoundError:
-                rule = None
-            kinds = [a.kind for a in alert.actions]
-            message = ""
-            if alert.state == pb.ALERT_STATE_RESOLVED:
-                message = "the monitor stopped before the action ran, and the alert resolved"
-            elif rule is None or [_action_kind(a) for a in rule.actions] != kinds:
-                message = f"{alert.alert_rule} was deleted or changed before the action ran"
-            if rule is None or message:
-
-                def abandon(alert: pb.Alert, message: str = message) -> None:
-                    for execution in alert.actions:
-                        if execution.state in _UNFINISHED:
-                            execution.state = pb.ACTION_STATE_FAILED
-                            execution.message = message
-                            execution.end_time.GetCurrentTime()
-
-                await self._change_alert(alert.name, abandon)
-                continue
-            logger.info("resuming the actions of %s", alert.name)
-            await self._run_actions(rule, alert.name, pending[0])
+        first unfinished one; fail them when their alert resolved or their
+        rule is gone or changed. Decided under the lock, so an alert that
+        opens meanwhile has its actions run once, by its own task."""
+        resumed: list[tuple[pb.AlertRule, str, int]] = []
+        async with self._lock:
+            abandoned: list[Change] = []
+            for alert in await self._workers.run(self._store.all_alerts, newest_first=False):
+                pending = [i for i, a in enumerate(alert.actions) if a.state in _UNFINISHED]
+                if not pending or alert.name in self._acting:
+                    continue
+                try:
+                    rule: pb.AlertRule | None = await self._workers.run(
+                        self._store.rule, alert.alert_rule
+                    )
+                except NotFoundError:
+                    rule = None
+                if alert.state == pb.ALERT_STATE_RESOLVED:
+                    message = "the monitor stopped before the action ran, and the alert resolved"
+                elif rule is None or [_action_kind(a) for a in rule.actions] != [
+                    a.kind for a in alert.actions
+                ]:
+                    message = f"{alert.alert_rule} was deleted or changed before the action ran"
+                else:
+                    self._acting.add(alert.name)
+                    resumed.append((rule, alert.name, pending[0]))
+                    continue
+                for execution in alert.actions:
+                    if execution.state in _UNFINISHED:
+                        execution.state = pb.ACTION_STATE_FAILED
+                        execution.message = message
+                        execution.end_time.GetCurrentTime()
+                alert.update_time.GetCurrentTime()
+                abandoned.append((pb.ALERT_EVENT_TYPE_UPDATED, alert))
+            events = await self._workers.run(self._store.record, abandoned) if abandoned else []
+        self._announce(events)
+        for rule, name, first in resumed:
+            logger.info("resuming the actions of %s", name)
+            self._spawn(self._run_actions(rule, name, first))
 
     def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.ensure_future(work)

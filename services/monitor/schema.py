@@ -56,6 +56,8 @@ predictions = Table(
     Index("predictions_by_window", "model_version", "window_index"),
     Index("predictions_by_time", "model_version", "time_us"),
     Index("predictions_by_subject", "subject_hash"),
+    # Model-wide SLOs count a model's predictions over their rolling period.
+    Index("predictions_by_model_time", "model", "time_us"),
 )
 
 feedback = Table(
@@ -161,6 +163,8 @@ alert_events = Table(
     Column("event_type", Integer, nullable=False),
     Column("alert_id", String(63), nullable=False),
     Column("body", LargeBinary, nullable=False),
+    # A watch's snapshot reads each open alert's latest event.
+    Index("alert_events_by_alert", "alert_id", "sequence"),
 )
 
 canary_analyses = Table(

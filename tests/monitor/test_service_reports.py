@@ -3,12 +3,15 @@ reports over gRPC, their numbers checked against SciPy and scikit-learn."""
 
 from __future__ import annotations
 
+import asyncio
 import time
+import urllib.request
 from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from scipy import stats
 from sklearn.metrics import accuracy_score, f1_score, roc_auc_score
 
@@ -383,11 +386,19 @@ async def test_time_windows_close_on_prediction_time(suite: Suite) -> None:
             )
         )
 
-    closed = await suite.monitor.GetOperationsReport(
-        rpc.GetOperationsReportRequest(model_version=version), timeout=10
-    )
-    assert closed.operations_report.window.index == 1
-    assert closed.operations_report.prediction_count == 20
+    # Each minute is a window; the tick may already have closed the last one,
+    # whose end is long past, so each is looked at by its index.
+    for index in range(3):
+        reply = await suite.monitor.GetOperationsReport(
+            rpc.GetOperationsReportRequest(
+                model_version=version, window=pb.WindowSelector(index=index)
+            ),
+            timeout=10,
+        )
+        window = reply.operations_report.window
+        assert (window.index, window.row_count) == (index, 20)
+        assert window.closed or index == 2
+    assert window.start_time.ToSeconds() == int(start + 120 + 1)
 
 
 async def test_retention_purges_rows_but_keeps_windows(tmp_path: Path, suite: Suite) -> None:
@@ -411,3 +422,31 @@ async def test_retention_purges_rows_but_keeps_windows(tmp_path: Path, suite: Su
         grpc.StatusCode.FAILED_PRECONDITION,
     )
     assert error.reason == "WINDOW_PURGED"
+
+
+async def test_closed_windows_are_exported_to_prometheus(suite: Suite) -> None:
+    version, _ = await monitored(suite)
+    shifted = np.random.default_rng(111).normal(size=(WINDOW, 4))
+    shifted[:, 1] += 1.0
+    await suite.log(records(version, shifted))
+
+    port = suite.parts.metrics_port
+    text = await asyncio.to_thread(
+        lambda: urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read()
+    )
+    samples = {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text.decode())
+        for sample in family.samples
+    }
+
+    def value(name: str, **labels: str) -> float:
+        return samples[(f"conveyor_monitor_{name}", tuple(sorted(labels.items())))]
+
+    version_labels = {"model": "fraud", "version": "1"}
+    ks = {"test": "kolmogorov_smirnov", **version_labels}
+    assert value("feature_drifted", feature="x1", **ks) == 1.0
+    assert value("feature_drifted", feature="x0", **ks) == 0.0
+    assert value("window_predictions", **version_labels) == WINDOW
+    assert value("predictions_accepted_total", **version_labels) == WINDOW
+    assert value("window_last_closed_index", **version_labels) == 0

@@ -26,6 +26,8 @@ def upgrade() -> None:
         sa.Column("body", sa.LargeBinary(), nullable=False),
         sa.PrimaryKeyConstraint("sequence"),
     )
+    with op.batch_alter_table("alert_events", schema=None) as batch_op:
+        batch_op.create_index("alert_events_by_alert", ["alert_id", "sequence"], unique=False)
     op.create_table(
         "alert_rules",
         sa.Column("rule_id", sa.String(length=63), nullable=False),
@@ -93,6 +95,7 @@ def upgrade() -> None:
     )
     with op.batch_alter_table("predictions", schema=None) as batch_op:
         batch_op.create_index("predictions_by_subject", ["subject_hash"], unique=False)
+        batch_op.create_index("predictions_by_model_time", ["model", "time_us"], unique=False)
         batch_op.create_index("predictions_by_time", ["model_version", "time_us"], unique=False)
         batch_op.create_index(
             "predictions_by_window", ["model_version", "window_index"], unique=False
@@ -158,6 +161,7 @@ def downgrade() -> None:
         batch_op.drop_index("predictions_by_window")
         batch_op.drop_index("predictions_by_time")
         batch_op.drop_index("predictions_by_subject")
+        batch_op.drop_index("predictions_by_model_time")
 
     op.drop_table("predictions")
     op.drop_table("monitoring_configs")
@@ -168,4 +172,6 @@ def downgrade() -> None:
 
     op.drop_table("alerts")
     op.drop_table("alert_rules")
+    with op.batch_alter_table("alert_events", schema=None) as batch_op:
+        batch_op.drop_index("alert_events_by_alert")
     op.drop_table("alert_events")
