@@ -10,7 +10,8 @@ distances), :mod:`.drift` (test choice, corrections, verdicts),
 :mod:`.alerting` (hysteresis: one alert per incident) and :mod:`.canary`.
 
 The service (``conveyor serve monitor``): :mod:`.server`, :mod:`.servicer`
-(ingest, feedback, references, configs, reports) with :mod:`.ingest`,
+(ingest, feedback, references, configs, reports) with :mod:`.ingestor`,
+:mod:`.ingest`, :mod:`.listing`,
 :mod:`.profiles`, :mod:`.references`, :mod:`.config` and :mod:`.reports`;
 :mod:`.store` (the log and its windows); :mod:`.evaluation` (what happens when
 a window closes); :mod:`.alert_servicer` with :mod:`.alert_filter`, :mod:`.alert_store`,

@@ -19,10 +19,11 @@ from conveyor.services.monitor.authorization import monitor_resolver
 from conveyor.services.monitor.canary_analysis import CanaryAnalyst
 from conveyor.services.monitor.evaluation import WindowEvaluator
 from conveyor.services.monitor.ingest import SubjectHasher
+from conveyor.services.monitor.ingestor import Ingestor
 from conveyor.services.monitor.metrics import MonitorMetrics
 from conveyor.services.monitor.migrate import upgrade_to_head
 from conveyor.services.monitor.profiles import VersionProfiles
-from conveyor.services.monitor.servicer import Ingestor, MonitorServicer
+from conveyor.services.monitor.servicer import MonitorServicer
 from conveyor.services.monitor.settings import MonitorSettings
 from conveyor.services.monitor.store import MonitorStore
 from conveyor.shared.auth.credentials import server_auth_interceptors, service_channel

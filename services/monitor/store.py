@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Any, Final
 
 import numpy as np
@@ -25,7 +25,6 @@ from conveyor.monitor.v1 import resources_pb2 as pb
 from conveyor.services.monitor import schema
 from conveyor.services.monitor.config import WindowSize
 from conveyor.services.monitor.ingest import PreparedRows
-from conveyor.shared.filtering import Restriction
 from conveyor.shared.storage import read_transaction, write_transaction
 
 _IN_CHUNK: Final = 500
@@ -608,85 +607,3 @@ def _columns(rows: Sequence[Any], n_num: int, n_cat: int) -> WindowRows:
     )
     outliers = np.fromiter((bool(r.outlier) for r in ok), dtype=np.bool_, count=len(ok))
     return WindowRows(numerical, categorical, outputs, labels, status, latencies, outliers, times)
-
-
-# -- listing ---------------------------------------------------------------------
-
-_OPERATORS: Final = {
-    "=": lambda c, v: c == v,
-    "!=": lambda c, v: c != v,
-    "<": lambda c, v: c < v,
-    "<=": lambda c, v: c <= v,
-    ">": lambda c, v: c > v,
-    ">=": lambda c, v: c >= v,
-}
-
-
-def _restriction_clause(restriction: Restriction) -> Any:
-    """A ``ListPredictions`` filter restriction as a SQL condition."""
-    field, op, value = restriction.field, restriction.op, restriction.value
-    if field == "has_label":
-        present = predictions.c.label.is_not(None)
-        return present if (value == "TRUE") == (op == "=") else ~present
-    if field in ("shadow", "outlier"):
-        column = predictions.c[field]
-        return column.is_(value == "TRUE") if op == "=" else column.is_not(value == "TRUE")
-    if field == "time":
-        assert isinstance(value, datetime)
-        return _OPERATORS[op](predictions.c.time_us, int(value.timestamp() * _US))
-    if field == "request_id" and op == ":":
-        text = str(value)
-        if text.endswith("*"):
-            return predictions.c.request_id.startswith(text[:-1], autoescape=True)
-        return predictions.c.request_id == text
-    column = predictions.c[field]
-    return _OPERATORS[op](column, value)
-
-
-def list_predictions(
-    engine: Engine,
-    model_version: str,
-    restrictions: Sequence[Restriction],
-    *,
-    offset: int,
-    limit: int,
-) -> tuple[list[Row[Any]], bool]:
-    """A page of a version's records, newest first, and whether more follow."""
-    query = (
-        select(predictions)
-        .where(
-            predictions.c.model == model_version.split("/versions/")[0],
-            predictions.c.model_version == model_version,
-            *[_restriction_clause(r) for r in restrictions],
-        )
-        .order_by(predictions.c.time_us.desc(), predictions.c.request_id.desc())
-        .offset(offset)
-        .limit(limit + 1)
-    )
-    with read_transaction(engine) as connection:
-        rows = list(connection.execute(query).all())
-    return rows[:limit], len(rows) > limit
-
-
-def record_of(row: Row[Any]) -> pb.PredictionRecord:
-    """A stored row as the record ``ListPredictions`` returns (no subject key)."""
-    record = pb.PredictionRecord(
-        model_version=row.model_version,
-        request_id=row.request_id,
-        status_code=row.status_code,
-        shadow=row.shadow,
-        outputs=np.frombuffer(row.outputs, dtype=np.float64).tolist(),
-        outlier=row.outlier,
-    )
-    record.time.FromMicroseconds(row.time_us)
-    record.ingest_time.FromMicroseconds(row.ingest_time_us)
-    record.latency.FromMicroseconds(row.latency_us)
-    if row.status_code == 0:
-        record.features.numerical.extend(np.frombuffer(row.numerical, dtype=np.float64).tolist())
-        record.features.categorical.extend(json.loads(row.categorical))
-    if row.outlier_score is not None:
-        record.outlier_score = row.outlier_score
-    if row.label is not None:
-        record.label = row.label
-        record.label_time.FromMicroseconds(row.label_time_us)
-    return record
