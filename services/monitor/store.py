@@ -480,11 +480,6 @@ class MonitorStore:
             report,
         )
 
-    def report(self, model_version: str, index: int, kind: str) -> bytes | None:
-        return self._body(
-            schema.reports, model_version=model_version, window_index=index, kind=kind
-        )
-
     def put_canary_analysis(self, model: str, analysis: pb.CanaryAnalysis) -> None:
         self._put_body(schema.canary_analyses, {"model": model}, analysis)
 
