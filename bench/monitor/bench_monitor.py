@@ -442,6 +442,7 @@ def bench_inproc(directory: Path, data: BenchData, args: argparse.Namespace) -> 
         scorer=fit_reference_scorer(schema, reference, resolved, hasher),
         output_columns=2,
         registered_metrics={},
+        settings_time_us=0,
     )
     sizes = {version: resolved.window}
     results: dict[str, Metric] = {}
@@ -1389,6 +1390,7 @@ def report_parts(
         scorer=None,
         output_columns=2,
         registered_metrics={},
+        settings_time_us=0,
     )
     window = pb.Window(index=0, row_count=rows, closed=True)
     for _ in range(runs):

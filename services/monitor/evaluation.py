@@ -131,7 +131,14 @@ class WindowEvaluator:
             ("performance", performance),
         ):
             if report is not None:
-                await self._workers.run(self._store.put_report, model_version, index, kind, report)
+                await self._workers.run(
+                    self._store.put_report,
+                    model_version,
+                    index,
+                    kind,
+                    report,
+                    settings_time_us=profile.settings_time_us,
+                )
         self._metrics.observe_operations(operations)
         if drift is not None:
             self._metrics.observe_drift(drift)

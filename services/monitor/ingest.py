@@ -15,6 +15,7 @@ import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import chain
 from typing import Any, Final
 
 import numpy as np
@@ -48,6 +49,10 @@ class VersionProfile:
     """The width of every output row, None until known (from the reference or
     the first stored record)."""
     registered_metrics: dict[str, float]
+    settings_time_us: int
+    """When the settings reports depend on last changed (the config's
+    ``update_time``, the reference's ``create_time``): a stored report computed
+    under older settings is stale."""
 
 
 class SubjectHasher:
@@ -71,13 +76,6 @@ class PreparedRows:
     output_columns: int | None
 
 
-def time_us(timestamp: Any, default_us: int) -> int:
-    """A ``Timestamp`` in microseconds; ``default_us`` when unset."""
-    if timestamp.seconds == 0 and timestamp.nanos == 0:
-        return default_us
-    return int(timestamp.seconds) * _US + int(timestamp.nanos) // 1000
-
-
 def prepare(
     profile: VersionProfile,
     records: Sequence[tuple[int, pb.PredictionRecord]],
@@ -89,49 +87,20 @@ def prepare(
     """Check and transform one version's records (each with its index in the
     call, for violation paths)."""
     schema = profile.schema
-    n_num, n_cat = len(schema.numerical), len(schema.categorical)
-    violations: list[FieldViolation] = []
+    n_cat = len(schema.categorical)
     successful = [(i, r) for i, r in records if r.status_code == 0]
-    numerical = np.full((len(successful), n_num), np.nan)
-    categorical = np.full((len(successful), n_cat), "", dtype=object)
-    widths: set[int] = set()
-    for row, (index, record) in enumerate(successful):
-        values = record.features
-        if len(values.numerical) != n_num or len(values.categorical) != n_cat:
-            violations.append(
-                FieldViolation(
-                    f"records[{index}].features",
-                    f"{profile.model_version} takes {n_num} numerical and {n_cat} categorical "
-                    f"values, not {len(values.numerical)} and {len(values.categorical)}",
-                )
-            )
-            continue
-        if n_num:
-            numerical[row] = values.numerical
-        if n_cat:
-            categorical[row] = values.categorical
-        widths.add(len(record.outputs))
-    for index, record in records:
-        violations.extend(_record_violations(index, record))
-    output_columns = profile.output_columns
-    expected = output_columns if output_columns is not None else (min(widths) if widths else None)
-    if expected is not None:
-        for index, record in successful:
-            if len(record.outputs) != expected:
-                violations.append(
-                    FieldViolation(
-                        f"records[{index}].outputs",
-                        f"{profile.model_version} logs {expected} outputs per record, "
-                        f"not {len(record.outputs)}",
-                    )
-                )
-                break
+    numerical, categorical, violations = _feature_matrices(profile, successful)
+    outputs, expected, output_violations = _output_matrix(profile, successful)
+    violations.extend(_records_violations(records, successful, outputs))
+    violations.extend(output_violations)
     if successful and not violations:
         found = check_values(schema, numerical, categorical, prefix="records")
-        indices = [i for i, _ in successful]
-        violations.extend(_renumbered(found, indices))
+        violations.extend(_renumbered(found, [i for i, _ in successful]))
     if violations:
-        return PreparedRows(profile.model_version, [], output_columns), violations[:max_violations]
+        return (
+            PreparedRows(profile.model_version, [], profile.output_columns),
+            violations[:max_violations],
+        )
 
     # Object arrays until the hashes are in: a fixed-width string array would
     # cut each hash to the width of the longest original value.
@@ -150,40 +119,166 @@ def prepare(
             ]
     categorical_text = categorical_text.astype(np.str_)
     scores, outliers = _scores(profile, numerical, categorical_text, privacy.dropped)
-    by_index: dict[int, int] = {index: row for row, (index, _) in enumerate(successful)}
+    # Each successful record's values, cut from one buffer per kind.
+    feature_bytes = _row_bytes(numerical)
+    output_bytes = _row_bytes(outputs)
+    category_texts = (
+        [json.dumps(row) for row in categorical_text.tolist()]
+        if n_cat
+        else ["[]"] * len(successful)
+    )
+    score_values: list[float | None] = scores.tolist() if scores.size else [None] * len(successful)
+    outlier_flags: list[bool] = outliers.tolist() if outliers.size else [False] * len(successful)
     model, version = profile.model, profile.model_version
     rows: list[dict[str, Any]] = []
-    empty = b""
-    for index, record in records:
-        slot = by_index.get(index)
-        ok = slot is not None
-        row = slot if slot is not None else 0
+    slot = 0
+    for _, record in records:
+        ok = record.status_code == 0
+        moment, latency = record.time, record.latency
         rows.append(
             {
                 "model": model,
                 "request_id": record.request_id,
                 "model_version": version,
-                "time_us": time_us(record.time, now_us),
+                "time_us": (
+                    moment.seconds * _US + moment.nanos // 1000
+                    if moment.seconds or moment.nanos
+                    else now_us
+                ),
                 "window_index": 0,
                 "status_code": record.status_code,
-                "latency_us": record.latency.seconds * _US + record.latency.nanos // 1000,
+                "latency_us": latency.seconds * _US + latency.nanos // 1000,
                 "shadow": record.shadow,
-                "numerical": numerical[row].tobytes() if ok else empty,
-                "categorical": (
-                    json.dumps(categorical_text[row].tolist()) if ok and n_cat else "[]"
-                ),
-                "outputs": (
-                    np.asarray(record.outputs, dtype=np.float64).tobytes() if ok else empty
-                ),
+                "numerical": feature_bytes[slot] if ok else b"",
+                "categorical": category_texts[slot] if ok else "[]",
+                "outputs": output_bytes[slot] if ok else b"",
                 "subject_hash": hasher(record.subject_key) if record.subject_key else None,
-                "outlier_score": float(scores[row]) if ok and scores.size else None,
-                "outlier": bool(outliers[row]) if ok and outliers.size else False,
+                "outlier_score": score_values[slot] if ok else None,
+                "outlier": outlier_flags[slot] if ok else False,
                 "label": None,
                 "label_time_us": None,
                 "ingest_time_us": now_us,
             }
         )
+        slot += ok
     return PreparedRows(version, rows, expected), []
+
+
+def _feature_matrices(
+    profile: VersionProfile, successful: list[tuple[int, pb.PredictionRecord]]
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[Any], list[FieldViolation]]:
+    """The successful records' numerical and categorical values as matrices
+    (a row of a record with the wrong counts stays NaN / empty)."""
+    schema = profile.schema
+    n_num, n_cat = len(schema.numerical), len(schema.categorical)
+    rows = len(successful)
+    if all(
+        len(r.features.numerical) == n_num and len(r.features.categorical) == n_cat
+        for _, r in successful
+    ):
+        numerical = np.fromiter(
+            chain.from_iterable(r.features.numerical for _, r in successful),
+            dtype=np.float64,
+            count=rows * n_num,
+        ).reshape(rows, n_num)
+        categorical = np.full((rows, n_cat), "", dtype=object)
+        if n_cat:
+            categorical[:] = [list(r.features.categorical) for _, r in successful]
+        return numerical, categorical, []
+    numerical = np.full((rows, n_num), np.nan)
+    categorical = np.full((rows, n_cat), "", dtype=object)
+    violations: list[FieldViolation] = []
+    for row, (index, record) in enumerate(successful):
+        values = record.features
+        if len(values.numerical) != n_num or len(values.categorical) != n_cat:
+            violations.append(
+                FieldViolation(
+                    f"records[{index}].features",
+                    f"{profile.model_version} takes {n_num} numerical and {n_cat} categorical "
+                    f"values, not {len(values.numerical)} and {len(values.categorical)}",
+                )
+            )
+            continue
+        if n_num:
+            numerical[row] = values.numerical
+        if n_cat:
+            categorical[row] = values.categorical
+    return numerical, categorical, violations
+
+
+def _output_matrix(
+    profile: VersionProfile, successful: list[tuple[int, pb.PredictionRecord]]
+) -> tuple[npt.NDArray[np.float64], int | None, list[FieldViolation]]:
+    """The successful records' outputs as a matrix, the width every record
+    must have (the version's, or the narrowest of the call's first ones), and
+    the first record that differs."""
+    widths = {len(record.outputs) for _, record in successful}
+    known = profile.output_columns
+    expected = known if known is not None else (min(widths) if widths else None)
+    if expected is not None and widths != {expected}:
+        for index, record in successful:
+            if len(record.outputs) != expected:
+                return (
+                    np.empty((0, 0)),
+                    expected,
+                    [
+                        FieldViolation(
+                            f"records[{index}].outputs",
+                            f"{profile.model_version} logs {expected} outputs per record, "
+                            f"not {len(record.outputs)}",
+                        )
+                    ],
+                )
+    width = expected or 0
+    outputs = np.fromiter(
+        chain.from_iterable(record.outputs for _, record in successful),
+        dtype=np.float64,
+        count=len(successful) * width,
+    ).reshape(len(successful), width)
+    return outputs, expected, []
+
+
+def _records_violations(
+    records: Sequence[tuple[int, pb.PredictionRecord]],
+    successful: list[tuple[int, pb.PredictionRecord]],
+    outputs: npt.NDArray[np.float64],
+) -> list[FieldViolation]:
+    """Every record's own checks: one cheap pass, the detailed checks (which
+    name each violation) only for the records it doubts."""
+    doubted = {
+        index
+        for index, record in records
+        if not (
+            0 < len(record.request_id) <= MAX_REQUEST_ID
+            and 0 <= record.status_code <= MAX_STATUS_CODE
+            and len(record.subject_key) <= MAX_SUBJECT_KEY
+            and record.HasField("latency")
+            and record.latency.seconds >= 0
+            and record.latency.nanos >= 0
+            and (record.status_code != 0 or record.outputs)
+        )
+    }
+    if outputs.shape[0] == len(successful):
+        finite = np.isfinite(outputs).all(axis=1)
+        doubted.update(successful[row][0] for row in np.flatnonzero(~finite).tolist())
+    else:  # the widths differ: checked record by record
+        doubted.update(index for index, _ in successful)
+    violations: list[FieldViolation] = []
+    for index, record in records:
+        if index in doubted:
+            violations.extend(_record_violations(index, record))
+    return violations
+
+
+def _row_bytes(matrix: npt.NDArray[np.float64]) -> list[bytes]:
+    """Each row's float64 bytes."""
+    data = np.ascontiguousarray(matrix, dtype=np.float64).tobytes()
+    size = matrix.shape[1] * 8
+    return (
+        [data[start : start + size] for start in range(0, len(data), size)]
+        if size
+        else [b""] * matrix.shape[0]
+    )
 
 
 def _record_violations(index: int, record: pb.PredictionRecord) -> list[FieldViolation]:

@@ -100,7 +100,8 @@ class VersionProfiles:
     async def _load(self, model_version: str) -> VersionProfile:
         version = await self._registry.version(model_version)
         model = model_of(model_version)
-        resolved = configs.resolve(await self.config(model))
+        config = await self.config(model)
+        resolved = configs.resolve(config)
         stored = await self._workers.run(self._store.reference, model_version)
         reference: pb.Reference | None = None
         data: ReferenceData | None = None
@@ -150,6 +151,10 @@ class VersionProfiles:
             scorer=scorer,
             output_columns=output_columns,
             registered_metrics=dict(version.metrics),
+            settings_time_us=max(
+                config.update_time.ToMicroseconds(),
+                reference.create_time.ToMicroseconds() if reference is not None else 0,
+            ),
         )
 
 

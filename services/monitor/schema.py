@@ -24,6 +24,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    text,
 )
 
 metadata = MetaData()
@@ -54,9 +55,15 @@ predictions = Table(
     Column("label_time_us", BigInteger, nullable=True),
     Column("ingest_time_us", BigInteger, nullable=False),
     Index("predictions_by_window", "model_version", "window_index"),
-    Index("predictions_by_time", "model_version", "time_us"),
-    Index("predictions_by_subject", "subject_hash"),
-    # Model-wide SLOs count a model's predictions over their rolling period.
+    # Only the rows of subjects: every index entry costs each insert.
+    Index(
+        "predictions_by_subject",
+        "subject_hash",
+        sqlite_where=text("subject_hash IS NOT NULL"),
+        postgresql_where=text("subject_hash IS NOT NULL"),
+    ),
+    # Time ranges of a version (canary analysis, retraining, listing), of a
+    # model (model-wide SLOs) and retention: the model's rows are few versions'.
     Index("predictions_by_model_time", "model", "time_us"),
 )
 
@@ -112,6 +119,9 @@ reports = Table(
     Column("window_index", BigInteger, primary_key=True),
     Column("kind", String(16), primary_key=True),
     Column("body", LargeBinary, nullable=False),
+    # VersionProfile.settings_time_us of the config and reference it was
+    # computed under: a report is served back only while they are current.
+    Column("settings_time_us", BigInteger, nullable=True),
 )
 
 service_level_objectives = Table(

@@ -31,7 +31,7 @@ from conveyor.services.monitor.profiles import (
     require_reference,
 )
 from conveyor.services.monitor.references import FeatureSchema, check_schema, from_rows
-from conveyor.services.monitor.store import MonitorStore, WindowRows
+from conveyor.services.monitor.store import MonitorStore, StoredWindow, WindowRows
 from conveyor.shared import names, pagination
 from conveyor.shared.auth.principal import current_decision_id
 from conveyor.shared.errors import (
@@ -68,11 +68,14 @@ UPDATABLE_PATHS: Final = ", ".join(sorted(configs.UPDATABLE))
 
 @dataclass(frozen=True)
 class SelectedWindow:
-    """The window (or range) a report covers, and its rows."""
+    """The window (or time range) a report covers."""
 
     profile: VersionProfile
     window: pb.Window
-    rows: WindowRows
+    stored: StoredWindow | None
+    """None for a time range."""
+    time_range: tuple[int, int] | None
+    """``[start, end)`` in microseconds, for a time range."""
 
 
 class MonitorServicer:
@@ -381,13 +384,26 @@ class MonitorServicer:
     ) -> rpc.GetDriftReportResponse:
         selected = await self._select(request.model_version, request)
         reference, data = require_reference(selected.profile)
+        stored = selected.stored
+        if stored is not None and stored.closed and not request.include_distributions:
+            # Computed when the window closed; still valid unless the config or
+            # the reference changed since (or an erasure removed rows of it).
+            body = await self._workers.run(
+                self._store.report,
+                stored.model_version,
+                stored.index,
+                "drift",
+                settings_time_us=selected.profile.settings_time_us,
+            )
+            if body is not None:
+                return rpc.GetDriftReportResponse(drift_report=pb.DriftReport.FromString(body))
         report = await self._workers.run(
             reports.drift_report,
             selected.profile,
             reference,
             data,
             selected.window,
-            selected.rows,
+            await self._rows(selected),
             distributions=request.include_distributions,
         )
         return rpc.GetDriftReportResponse(drift_report=report)
@@ -402,12 +418,13 @@ class MonitorServicer:
                 f"{reference.name} does not say what the outputs are (output_type)",
                 reason="OUTPUT_TYPE_UNKNOWN",
             )
+        rows = await self._rows(selected, features=False)
         report = await self._workers.run(
             reports.performance_report,
             selected.profile,
             reference.output_type,
             selected.window,
-            selected.rows,
+            rows,
         )
         return rpc.GetPerformanceReportResponse(performance_report=report)
 
@@ -415,9 +432,8 @@ class MonitorServicer:
         self, request: rpc.GetOperationsReportRequest, context: Any
     ) -> rpc.GetOperationsReportResponse:
         selected = await self._select(request.model_version, request)
-        report = reports.operations_report(
-            selected.profile.model_version, selected.window, selected.rows
-        )
+        rows = await self._rows(selected, features=False)
+        report = reports.operations_report(selected.profile.model_version, selected.window, rows)
         return rpc.GetOperationsReportResponse(operations_report=report)
 
     async def GetCanaryAnalysis(
@@ -456,29 +472,22 @@ class MonitorServicer:
         return model
 
     async def _select(self, name: str, request: Any) -> SelectedWindow:
-        """The version and the window a report request names, with its rows."""
+        """The version and the window (or time range) a report request names,
+        without its rows."""
         version = await self._resolve(name, field="model_version")
         profile = await self._profiles.get(version)
         selector = request.window
         which = selector.WhichOneof("selector")
         store = self._store
-        n_num, n_cat = len(profile.schema.numerical), len(profile.schema.categorical)
         if which == "time_range":
             start = selector.time_range.start_time.ToMicroseconds()
             end = selector.time_range.end_time.ToMicroseconds()
             if end <= start:
                 raise invalid_field("window.time_range", "end_time must be after start_time")
-            rows = await self._workers.run(
-                store.window_rows,
-                version,
-                time_range=(start, end),
-                numerical_columns=n_num,
-                categorical_columns=n_cat,
-            )
-            window = pb.Window(row_count=int(rows.status_codes.size), closed=True)
+            window = pb.Window(closed=True)
             window.start_time.CopyFrom(selector.time_range.start_time)
             window.end_time.CopyFrom(selector.time_range.end_time)
-            return SelectedWindow(profile, window, rows)
+            return SelectedWindow(profile, window, None, (start, end))
         if which == "index":
             if selector.index < 0:
                 raise invalid_field("window.index", "must not be negative")
@@ -496,19 +505,30 @@ class MonitorServicer:
                 raise FailedPreconditionError(
                     f"{version} has no {state} window yet", reason="NO_WINDOW"
                 )
+        return SelectedWindow(profile, stored.to_proto(), stored, None)
+
+    async def _rows(self, selected: SelectedWindow, *, features: bool = True) -> WindowRows:
+        """The selected window's (or time range's) rows; FAILED_PRECONDITION
+        when retention purged them."""
+        profile, stored = selected.profile, selected.stored
         rows = await self._workers.run(
-            store.window_rows,
-            version,
-            index=stored.index,
-            numerical_columns=n_num,
-            categorical_columns=n_cat,
+            self._store.window_rows,
+            profile.model_version,
+            index=None if stored is None else stored.index,
+            time_range=selected.time_range,
+            numerical_columns=len(profile.schema.numerical),
+            categorical_columns=len(profile.schema.categorical),
+            features=features,
         )
-        if stored.row_count and rows.status_codes.size == 0:
+        if stored is None:
+            selected.window.row_count = int(rows.status_codes.size)
+        elif stored.row_count and rows.status_codes.size == 0:
             raise FailedPreconditionError(
-                f"the rows of {version}'s window {stored.index} were purged by retention",
+                f"the rows of {profile.model_version}'s window {stored.index} were purged "
+                "by retention",
                 reason="WINDOW_PURGED",
             )
-        return SelectedWindow(profile, stored.to_proto(), rows)
+        return rows
 
 
 def _signature_width(version: Any) -> int | None:

@@ -14,6 +14,8 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
+from itertools import compress
+from operator import itemgetter
 from typing import Any, Final
 
 import numpy as np
@@ -124,7 +126,7 @@ class MonitorStore:
                     )
                 )
                 self._join_feedback(connection, fresh)
-                connection.execute(insert(predictions), fresh)
+                _insert_predictions(connection, fresh)
                 accepted += len(fresh)
         return IngestResult(accepted, duplicates, closed, by_version)
 
@@ -138,13 +140,13 @@ class MonitorStore:
         for start in range(0, len(ids), _IN_CHUNK):
             chunk = ids[start : start + _IN_CHUNK]
             stored.update(
-                connection.execute(
-                    select(predictions.c.request_id).where(
-                        predictions.c.model == model,
-                        predictions.c.model_version == batch.model_version,
-                        predictions.c.request_id.in_(chunk),
-                    )
-                ).scalars()
+                found
+                for (found,) in _driver_rows(
+                    connection,
+                    "SELECT request_id FROM predictions WHERE model = ? AND model_version = ? "
+                    f"AND request_id IN ({_markers(len(chunk))})",
+                    (model, batch.model_version, *chunk),
+                )
             )
         fresh: list[dict[str, Any]] = []
         for row in batch.rows:
@@ -221,16 +223,16 @@ class MonitorStore:
         model = rows[0]["model"]
         by_id = {row["request_id"]: row for row in rows}
         ids = list(by_id)
-        feedback = schema.feedback
         for start in range(0, len(ids), _IN_CHUNK):
-            for found in connection.execute(
-                select(feedback.c.request_id, feedback.c.label, feedback.c.time_us).where(
-                    feedback.c.model == model,
-                    feedback.c.request_id.in_(ids[start : start + _IN_CHUNK]),
-                )
+            chunk = ids[start : start + _IN_CHUNK]
+            for request_id, label, time_us in _driver_rows(
+                connection,
+                "SELECT request_id, label, time_us FROM feedback WHERE model = ? "
+                f"AND request_id IN ({_markers(len(chunk))})",
+                (model, *chunk),
             ):
-                by_id[found.request_id]["label"] = found.label
-                by_id[found.request_id]["label_time_us"] = found.time_us
+                by_id[request_id]["label"] = label
+                by_id[request_id]["label_time_us"] = time_us
 
     def close_expired(self, now_us: int) -> list[tuple[str, int]]:
         """Close every time window whose deadline has passed."""
@@ -339,18 +341,25 @@ class MonitorStore:
         numerical_columns: int,
         categorical_columns: int,
         include_shadow: bool = True,
+        features: bool = True,
     ) -> WindowRows:
-        """One window's rows, or those of a version in ``[start, end)`` microseconds."""
-        columns = (
+        """One window's rows, or those of a version in ``[start, end)``
+        microseconds; without ``features`` the feature columns come back
+        empty (the performance and operations reports do not read them)."""
+        read_numerical = features and numerical_columns > 0
+        read_categorical = features and categorical_columns > 0
+        columns = [
             predictions.c.status_code,
             predictions.c.latency_us,
-            predictions.c.numerical,
-            predictions.c.categorical,
-            predictions.c.outputs,
-            predictions.c.label,
-            predictions.c.outlier,
             predictions.c.time_us,
-        )
+            predictions.c.outputs,
+            func.coalesce(predictions.c.label, -1),
+            predictions.c.outlier,
+        ]
+        if read_numerical:
+            columns.append(predictions.c.numerical)
+        if read_categorical:
+            columns.append(predictions.c.categorical)
         where: list[Any] = [predictions.c.model_version == model_version]
         if index is not None:
             where.append(predictions.c.window_index == index)
@@ -361,22 +370,33 @@ class MonitorStore:
         if not include_shadow:
             where.append(predictions.c.shadow.is_(False))
         with read_transaction(self.engine) as connection:
-            rows = connection.execute(select(*columns).where(and_(*where))).all()
-        return _columns(rows, numerical_columns, categorical_columns)
+            # The driver's tuples: for a million rows SQLAlchemy's Row objects
+            # cost more than the fetch itself.
+            rows = connection.execute(select(*columns).where(and_(*where))).cursor.fetchall()
+        return _columns(
+            rows,
+            numerical_columns if read_numerical else None,
+            categorical_columns if read_categorical else None,
+        )
 
     # -- erasure and retention -------------------------------------------------
 
     def erase_subject(self, subject_hash: str, model: str | None) -> tuple[int, int]:
-        """Delete every prediction of the subject (of ``model`` when given) and
-        the feedback joined to them; the windows they counted in keep their
-        aggregates (which hold no row)."""
+        """Delete every prediction of the subject (of ``model`` when given), the
+        feedback joined to them and the stored reports of the windows they were
+        in; the windows keep their aggregates (which hold no row)."""
         feedback = schema.feedback
         where = [predictions.c.subject_hash == subject_hash]
         if model is not None:
             where.append(predictions.c.model == model)
         with write_transaction(self.engine) as connection:
             keys = connection.execute(
-                select(predictions.c.model, predictions.c.request_id).where(*where)
+                select(
+                    predictions.c.model,
+                    predictions.c.request_id,
+                    predictions.c.model_version,
+                    predictions.c.window_index,
+                ).where(*where)
             ).all()
             erased = connection.execute(delete(predictions).where(*where)).rowcount
             erased_feedback = 0
@@ -389,6 +409,14 @@ class MonitorStore:
                         )
                     )
                 ).rowcount
+            # Reports computed over the erased rows would still describe them.
+            reports = schema.reports
+            for model_version, index in sorted({(k.model_version, k.window_index) for k in keys}):
+                connection.execute(
+                    delete(reports).where(
+                        reports.c.model_version == model_version, reports.c.window_index == index
+                    )
+                )
         return erased, erased_feedback
 
     def purge(
@@ -473,12 +501,37 @@ class MonitorStore:
             bodies = connection.execute(select(schema.monitoring_configs.c.body)).scalars().all()
         return [pb.MonitoringConfig.FromString(body) for body in bodies]
 
-    def put_report(self, model_version: str, index: int, kind: str, report: Any) -> None:
-        self._put_body(
-            schema.reports,
-            {"model_version": model_version, "window_index": index, "kind": kind},
-            report,
-        )
+    def put_report(
+        self, model_version: str, index: int, kind: str, report: Any, *, settings_time_us: int
+    ) -> None:
+        """Keep a closed window's report, computed under the settings (config
+        and reference) of ``settings_time_us``."""
+        table = schema.reports
+        key = {"model_version": model_version, "window_index": index, "kind": kind}
+        with write_transaction(self.engine) as connection:
+            connection.execute(delete(table).where(*(table.c[k] == v for k, v in key.items())))
+            connection.execute(
+                insert(table).values(
+                    **key, body=report.SerializeToString(), settings_time_us=settings_time_us
+                )
+            )
+
+    def report(
+        self, model_version: str, index: int, kind: str, *, settings_time_us: int
+    ) -> bytes | None:
+        """The window's stored report, if it was computed under the settings of
+        ``settings_time_us`` (a report computed under older ones is stale)."""
+        table = schema.reports
+        with read_transaction(self.engine) as connection:
+            body: bytes | None = connection.execute(
+                select(table.c.body).where(
+                    table.c.model_version == model_version,
+                    table.c.window_index == index,
+                    table.c.kind == kind,
+                    table.c.settings_time_us == settings_time_us,
+                )
+            ).scalar()
+        return body
 
     def put_canary_analysis(self, model: str, analysis: pb.CanaryAnalysis) -> None:
         self._put_body(schema.canary_analyses, {"model": model}, analysis)
@@ -508,6 +561,35 @@ class MonitorStore:
         with read_transaction(self.engine) as connection:
             body: bytes | None = connection.execute(select(table.c.body).where(*where)).scalar()
         return body
+
+
+_PREDICTION_COLUMNS: Final = tuple(column.name for column in predictions.columns)
+_prediction_values = itemgetter(*_PREDICTION_COLUMNS)
+
+
+def _insert_predictions(connection: Connection, rows: list[dict[str, Any]]) -> None:
+    """Insert through the driver with tuples: SQLAlchemy's per-row parameter
+    handling cost more than SQLite's own insert."""
+    statement = _driver_sql(
+        connection,
+        f"INSERT INTO {predictions.name} ({', '.join(_PREDICTION_COLUMNS)}) "
+        f"VALUES ({_markers(len(_PREDICTION_COLUMNS))})",
+    )
+    connection.exec_driver_sql(statement, [_prediction_values(row) for row in rows])
+
+
+def _driver_rows(connection: Connection, statement: str, parameters: tuple[Any, ...]) -> Any:
+    """A hot query through the driver (``?`` markers): SQLAlchemy compiles an
+    ``IN`` list of hundreds of values afresh on every call."""
+    return connection.exec_driver_sql(_driver_sql(connection, statement), parameters).cursor
+
+
+def _driver_sql(connection: Connection, statement: str) -> str:
+    return statement if connection.dialect.paramstyle == "qmark" else statement.replace("?", "%s")
+
+
+def _markers(count: int) -> str:
+    return ", ".join(["?"] * count)
 
 
 def _micros(duration: timedelta) -> int:
@@ -579,26 +661,48 @@ def _stored(row: Row[Any]) -> StoredWindow:
     )
 
 
-def _columns(rows: Sequence[Any], n_num: int, n_cat: int) -> WindowRows:
-    status = np.fromiter((r.status_code for r in rows), dtype=np.int32, count=len(rows))
-    latencies = np.fromiter((r.latency_us for r in rows), dtype=np.float64, count=len(rows)) / _US
-    times = np.fromiter((r.time_us for r in rows), dtype=np.int64, count=len(rows))
-    ok = [r for r in rows if r.status_code == 0]
+def _columns(rows: Sequence[Any], n_num: int | None, n_cat: int | None) -> WindowRows:
+    """Driver rows (status, latency, time, outputs, label, outlier[, numerical]
+    [, categorical]) as columns; a feature kind not read (None) comes back with
+    no columns."""
+    count = len(rows)
+    if count == 0:
+        return WindowRows(
+            np.empty((0, n_num or 0)),
+            np.empty((0, n_cat or 0), dtype=np.str_),
+            np.empty((0, 0)),
+            np.empty(0, dtype=np.int64),
+            np.empty(0, dtype=np.int32),
+            np.empty(0),
+            np.empty(0, dtype=np.bool_),
+            np.empty(0, dtype=np.int64),
+        )
+    by_column = list(zip(*rows, strict=True))
+    status = np.array(by_column[0], dtype=np.int32)
+    latencies = np.array(by_column[1], dtype=np.float64) / _US
+    times = np.array(by_column[2], dtype=np.int64)
+    ok = status == 0
+    successes = int(np.count_nonzero(ok))
+
+    def successful(column: int) -> Sequence[Any]:
+        values: Sequence[Any] = by_column[column]
+        return values if successes == count else list(compress(values, ok.tolist()))
+
+    outputs_bytes = successful(3)
+    width = len(outputs_bytes[0]) // 8 if successes else 0
+    outputs = np.frombuffer(b"".join(outputs_bytes), dtype=np.float64).reshape(successes, width)
+    labels = np.array(successful(4), dtype=np.int64)
+    outliers = np.array(successful(5), dtype=np.bool_)
     numerical = (
-        np.frombuffer(b"".join(r.numerical for r in ok), dtype=np.float64).reshape(len(ok), n_num)
+        np.frombuffer(b"".join(successful(6)), dtype=np.float64).reshape(successes, n_num)
         if n_num
-        else np.empty((len(ok), 0))
+        else np.empty((successes, 0))
     )
     categorical = (
-        np.asarray([json.loads(r.categorical) for r in ok], dtype=np.str_).reshape(len(ok), n_cat)
-        if n_cat and ok
-        else np.empty((len(ok), n_cat), dtype=np.str_)
+        np.asarray(
+            [json.loads(text) for text in successful(7 if n_num else 6)], dtype=np.str_
+        ).reshape(successes, n_cat)
+        if n_cat and successes
+        else np.empty((successes, n_cat or 0), dtype=np.str_)
     )
-    outputs_bytes = b"".join(r.outputs for r in ok)
-    width = len(ok[0].outputs) // 8 if ok else 0
-    outputs = np.frombuffer(outputs_bytes, dtype=np.float64).reshape(len(ok), width)
-    labels = np.fromiter(
-        (-1 if r.label is None else r.label for r in ok), dtype=np.int64, count=len(ok)
-    )
-    outliers = np.fromiter((bool(r.outlier) for r in ok), dtype=np.bool_, count=len(ok))
     return WindowRows(numerical, categorical, outputs, labels, status, latencies, outliers, times)

@@ -92,6 +92,44 @@ async def test_distributions_come_on_request(suite: Suite) -> None:
     assert sum(histogram.current_counts) == WINDOW
 
 
+async def test_a_closed_windows_drift_report_is_served_as_stored_until_it_is_stale(
+    suite: Suite,
+) -> None:
+    version, _ = await monitored(suite)
+    rng = np.random.default_rng(112)
+    await suite.log(
+        records(version, rng.normal(size=(WINDOW, 4)), subject="customer-1")[:1]
+        + records(version, rng.normal(size=(WINDOW - 1, 4)), start=1)
+    )
+
+    stored = await drift(suite, version, 0)
+    again = await drift(suite, version, 0)
+    assert again == stored  # the evaluator's report, compute_time and all
+
+    # The config changed: computed again under it, then served as computed.
+    await suite.configure(
+        "models/fraud",
+        ["drift.numerical_test"],
+        drift=pb.DriftConfig(
+            numerical_test=pb.DriftTestSpec(test=pb.DRIFT_TEST_POPULATION_STABILITY_INDEX)
+        ),
+    )
+    recomputed = await drift(suite, version, 0)
+    assert {f.test for f in recomputed.features} == {pb.DRIFT_TEST_POPULATION_STABILITY_INDEX}
+    assert recomputed.compute_time.ToNanoseconds() > stored.compute_time.ToNanoseconds()
+
+    # A new reference: computed against it.
+    await suite.set_reference(version, np.random.default_rng(113).normal(size=(500, 4)))
+    assert (await drift(suite, version, 0)).reference_rows == 500
+
+    # An erased row is gone from the report.
+    await suite.monitor.ErasePredictions(
+        rpc.ErasePredictionsRequest(subject_key="customer-1"), timeout=10
+    )
+    erased = await drift(suite, version, 0)
+    assert {f.current_count for f in erased.features} == {WINDOW - 1}
+
+
 async def test_performance_follows_late_labels(suite: Suite) -> None:
     version, _ = await monitored(suite)
     rng = np.random.default_rng(103)
@@ -414,14 +452,32 @@ async def test_retention_purges_rows_but_keeps_windows(tmp_path: Path, suite: Su
     purged = await suite.parts.evaluator.purge(int(time.time() * 1e6))
 
     assert purged == WINDOW
-    error = await refused(
+    # The drift report stored when the window closed outlives its rows (it
+    # holds statistics, no row); anything that needs the rows is refused.
+    kept = await suite.monitor.GetDriftReport(
+        rpc.GetDriftReportRequest(model_version=version, window=pb.WindowSelector(index=0)),
+        timeout=10,
+    )
+    assert kept.drift_report.window.row_count == WINDOW
+    assert len(kept.drift_report.features) == 4
+    for call in (
         suite.monitor.GetDriftReport(
-            rpc.GetDriftReportRequest(model_version=version, window=pb.WindowSelector(index=0)),
+            rpc.GetDriftReportRequest(
+                model_version=version,
+                window=pb.WindowSelector(index=0),
+                include_distributions=True,
+            ),
             timeout=10,
         ),
-        grpc.StatusCode.FAILED_PRECONDITION,
-    )
-    assert error.reason == "WINDOW_PURGED"
+        suite.monitor.GetOperationsReport(
+            rpc.GetOperationsReportRequest(
+                model_version=version, window=pb.WindowSelector(index=0)
+            ),
+            timeout=10,
+        ),
+    ):
+        error = await refused(call, grpc.StatusCode.FAILED_PRECONDITION)
+        assert error.reason == "WINDOW_PURGED"
 
 
 async def test_closed_windows_are_exported_to_prometheus(suite: Suite) -> None:

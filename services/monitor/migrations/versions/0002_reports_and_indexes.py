@@ -1,0 +1,44 @@
+"""Stored reports remember the settings they were computed under (so that a
+closed window's drift report can be served back while they are current), and
+the prediction log keeps fewer index entries per row (ingest cost): the
+subject index holds only rows with a subject, and time ranges of a version use
+the model's time index.
+
+Revision ID: 0002
+Revises: 0001
+Create Date: 2026-11-27
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from alembic import op
+
+revision = "0002"
+down_revision = "0001"
+branch_labels = None
+depends_on = None
+
+_HAS_SUBJECT = sa.text("subject_hash IS NOT NULL")
+
+
+def upgrade() -> None:
+    with op.batch_alter_table("reports", schema=None) as batch_op:
+        batch_op.add_column(sa.Column("settings_time_us", sa.BigInteger(), nullable=True))
+    op.drop_index("predictions_by_time", table_name="predictions")
+    op.drop_index("predictions_by_subject", table_name="predictions")
+    op.create_index(
+        "predictions_by_subject",
+        "predictions",
+        ["subject_hash"],
+        sqlite_where=_HAS_SUBJECT,
+        postgresql_where=_HAS_SUBJECT,
+    )
+
+
+def downgrade() -> None:
+    op.drop_index("predictions_by_subject", table_name="predictions")
+    op.create_index("predictions_by_subject", "predictions", ["subject_hash"])
+    op.create_index("predictions_by_time", "predictions", ["model_version", "time_us"])
+    with op.batch_alter_table("reports", schema=None) as batch_op:
+        batch_op.drop_column("settings_time_us")
