@@ -19,10 +19,10 @@ is below the threshold; distances (PSI, Wasserstein, Jensen-Shannon) when they
 reach it. A feature whose window has no value gets a NaN statistic and no
 verdict, and is left out of the correction and of the dataset-level count.
 
-Each numerical column is sorted once as it is read, O(n log n) for a window of
+A window's numerical column is sorted for KS and Wasserstein, O(n log n) for
 n values, the only super-linear step over the window (see :mod:`.statistics`
-for the rest); the reference's side adds an O(m log m) ``np.unique`` or
-quantile pass.
+for the rest); binned tests count it unsorted. The reference's side, its sort,
+categories and bins, is prepared once per reference (:class:`PreparedReference`).
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from __future__ import annotations
 import enum
 import math
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any, Final
 
@@ -39,14 +40,15 @@ import numpy.typing as npt
 from conveyor.services.monitor.statistics import (
     DistributionComparison,
     MultipleTestingCorrection,
+    ReferenceSample,
     adjust_p_values,
     chi_squared,
-    compare_categories,
-    compare_sorted_bins,
+    compare_bins_to_reference,
+    compare_categories_to_reference,
     jensen_shannon,
-    kolmogorov_smirnov_sorted,
+    kolmogorov_smirnov_to_reference,
     population_stability_index,
-    wasserstein_sorted,
+    wasserstein_to_reference,
 )
 
 
@@ -79,6 +81,11 @@ DEFAULT_DISTANCE_THRESHOLD: Final = 0.1
 MAX_CATEGORY_LIKE_VALUES: Final = 5
 """The automatic choice tests a numerical feature with at most this many distinct
 reference values as categories of its values."""
+PARALLEL_THREADS: Final = 2
+"""Threads that test a large window's features side by side."""
+PARALLEL_MIN_VALUES: Final = 2_000_000
+"""Window values (rows times tested features) from which the features are
+tested on :data:`PARALLEL_THREADS` threads."""
 MIN_PSI_BINS: Final = 2
 MAX_PSI_BINS: Final = 100
 _DECILES: Final = np.linspace(0.0, 1.0, 11)
@@ -251,9 +258,42 @@ class FeatureSummary:
     category_counts: Mapping[str, int] = field(default_factory=dict)
 
 
+class PreparedReference:
+    """A reference's columns in schema order, each checked and prepared (a
+    :class:`~.statistics.ReferenceSample`) when a report first tests its feature,
+    then kept for every later report against the same reference.
+
+    Reports on several threads may share one: a column two of them prepare at
+    once is prepared twice, identically, and either result is kept. A column
+    that fails its checks is not kept: every report raises its error."""
+
+    def __init__(self, schema: Sequence[FeatureSpec], columns: Sequence[npt.ArrayLike]) -> None:
+        """Raises ValueError unless there is one column per feature, all of one length."""
+        self.rows = _row_count(schema, columns, "reference")
+        self.schema = tuple(schema)
+        self._columns = tuple(columns)
+        self._samples: list[ReferenceSample | None] = [None] * len(self.schema)
+
+    def sample(self, index: int) -> ReferenceSample:
+        """The prepared column of the feature at ``index``; ValueError for bad or
+        missing values as :func:`drift_report` gives it."""
+        sample = self._samples[index]
+        if sample is None:
+            feature = self.schema[index]
+            values, _ = _values(feature, self._columns[index], "reference")
+            if values.size == 0:
+                raise ValueError(
+                    f"feature {feature.name!r}: the reference holds no value to compare"
+                )
+            if feature.type is FeatureType.NUMERICAL:
+                values = np.sort(values)
+            sample = self._samples[index] = ReferenceSample(values)
+        return sample
+
+
 def drift_report(
     schema: Sequence[FeatureSpec],
-    reference: Sequence[npt.ArrayLike],
+    reference: Sequence[npt.ArrayLike] | PreparedReference,
     current: Sequence[npt.ArrayLike],
     config: DriftConfig = DEFAULT_CONFIG,
     *,
@@ -261,38 +301,49 @@ def drift_report(
 ) -> DriftReport:
     """Compare the window's columns with the reference's, both in schema order
     (float columns with NaN for missing, string columns with "" for missing),
-    and include each feature's histograms when ``distributions`` is set.
+    and include each feature's histograms when ``distributions`` is set. A
+    reference compared with many windows is best passed prepared once
+    (:class:`PreparedReference` of the same schema).
 
     Raises ValueError naming the feature or config field for columns that do
     not match the schema, infinite values, an empty reference column, or an
     override that names no feature or does not suit its type."""
-    reference_rows = _row_count(schema, reference, "reference")
+    if not isinstance(reference, PreparedReference):
+        reference = PreparedReference(schema, reference)
+    elif reference.schema != tuple(schema):
+        raise ValueError("the prepared reference was prepared for another schema")
+    reference_rows = reference.rows
     current_rows = _row_count(schema, current, "current")
     config.check_schema(schema)
-    measured: list[FeatureDrift] = []
-    for feature, reference_column, current_column in zip(schema, reference, current, strict=True):
+    to_test: list[tuple[int, DriftTestSpec]] = []
+    for index, feature in enumerate(schema):
         spec = config.feature_tests.get(feature.name)
         if spec is None:
             numerical = feature.type is FeatureType.NUMERICAL
             spec = config.numerical_test if numerical else config.categorical_test
-        if spec.test is DriftTest.NONE:
-            continue
-        reference_values, _ = _values(feature, reference_column, "reference")
-        if reference_values.size == 0:
-            raise ValueError(f"feature {feature.name!r}: the reference holds no value to compare")
-        current_values, missing = _values(feature, current_column, "current")
-        measured.append(
-            _measure(
-                feature,
-                reference_values,
-                current_values,
-                missing,
-                spec,
-                reference_rows,
-                config,
-                distributions=distributions,
-            )
+        if spec.test is not DriftTest.NONE:
+            to_test.append((index, spec))
+
+    def measure(index: int, spec: DriftTestSpec) -> FeatureDrift:
+        reference_sample = reference.sample(index)
+        current_values, missing = _values(schema[index], current[index], "current")
+        return _measure(
+            schema[index],
+            reference_sample,
+            current_values,
+            missing,
+            spec,
+            reference_rows,
+            config,
+            distributions=distributions,
         )
+
+    if len(to_test) > 1 and current_rows * len(to_test) >= PARALLEL_MIN_VALUES:
+        # NumPy's sorts and passes release the GIL; errors surface in schema order.
+        with ThreadPoolExecutor(PARALLEL_THREADS, thread_name_prefix="drift") as pool:
+            measured = list(pool.map(measure, *zip(*to_test, strict=True)))
+    else:
+        measured = [measure(index, spec) for index, spec in to_test]
 
     p_values = {
         i: result.p_value for i, result in enumerate(measured) if result.p_value is not None
@@ -340,6 +391,7 @@ def summarize(
         elif values.size == 0:
             summary = FeatureSummary(feature.name, 0, missing, math.nan, math.nan, ())
         else:
+            values = np.sort(values)  # the sums below run in sorted order
             deciles = tuple(np.quantile(values, _DECILES).tolist())
             mean, std = float(np.mean(values)), float(np.std(values))
             summary = FeatureSummary(feature.name, values.size, missing, mean, std, deciles)
@@ -367,7 +419,7 @@ def automatic_test(
 
 def _measure(
     feature: FeatureSpec,
-    reference: npt.NDArray[Any],
+    reference: ReferenceSample,
     current: npt.NDArray[Any],
     missing: int,
     spec: DriftTestSpec,
@@ -376,12 +428,12 @@ def _measure(
     *,
     distributions: bool,
 ) -> FeatureDrift:
-    """One feature's statistic (numerical samples sorted), before the correction
-    and the verdict."""
+    """One feature's statistic (window values in any order), before the
+    correction and the verdict."""
     test = spec.test
     as_categories = feature.type is FeatureType.CATEGORICAL
     if test is DriftTest.UNSPECIFIED:
-        distinct = 0 if as_categories else 1 + int(np.count_nonzero(np.diff(reference)))
+        distinct = 0 if as_categories else reference.distinct_values()
         test = automatic_test(
             feature.type,
             reference_rows=reference_rows,
@@ -392,19 +444,23 @@ def _measure(
         as_categories = test in (DriftTest.CHI_SQUARED, DriftTest.JENSEN_SHANNON)
     comparison = None
     histogram_test = test not in (DriftTest.KOLMOGOROV_SMIRNOV, DriftTest.WASSERSTEIN)
+    if not histogram_test:
+        current = np.sort(current)  # only these tests need the window sorted
     if histogram_test or distributions:
         comparison = (
-            compare_categories(reference, current)
+            compare_categories_to_reference(reference, current)
             if as_categories
-            else compare_sorted_bins(reference, current, config.psi_bins)
+            else compare_bins_to_reference(
+                reference, current, config.psi_bins, current_sorted=not histogram_test
+            )
         )
     statistic, p_value = math.nan, None
     if current.size == 0:
         pass  # nothing to compare: no statistic, no verdict
     elif test is DriftTest.KOLMOGOROV_SMIRNOV:
-        statistic, p_value = kolmogorov_smirnov_sorted(reference, current)
+        statistic, p_value = kolmogorov_smirnov_to_reference(reference, current)
     elif test is DriftTest.WASSERSTEIN:
-        statistic = wasserstein_sorted(reference, current)
+        statistic = wasserstein_to_reference(reference, current)
     elif comparison is not None:
         counts = comparison.reference_counts, comparison.current_counts
         if test is DriftTest.CHI_SQUARED:
@@ -455,17 +511,19 @@ def _row_count(schema: Sequence[FeatureSpec], columns: Sequence[npt.ArrayLike], 
 
 
 def _values(feature: FeatureSpec, column: npt.ArrayLike, side: str) -> tuple[npt.NDArray[Any], int]:
-    """The column's non-missing values and how many were missing."""
+    """The column's non-missing values, in its order (possibly the column
+    itself), and how many were missing."""
     where = f"{side} column of feature {feature.name!r}"
     array = np.asarray(column)
     if feature.type is FeatureType.NUMERICAL:
         if array.dtype.kind not in "fiub":
             raise ValueError(f"{where}: numerical values are numbers, not {array.dtype}")
         values = array.astype(np.float64, copy=False)
+        if np.isfinite(values).all():
+            return values, 0  # the usual case: one pass, no copy
         if np.isinf(values).any():
             raise ValueError(f"{where} holds infinite values; only NaN marks a missing value")
-        # Sorted once here: every numerical test and bin count works on sorted samples.
-        kept = np.sort(values[~np.isnan(values)])
+        kept = values[~np.isnan(values)]
         return kept, int(values.size - kept.size)
     if array.dtype.kind not in "UOT":
         raise ValueError(f"{where}: categorical values are strings, not {array.dtype}")

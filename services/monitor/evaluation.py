@@ -1,7 +1,9 @@
 """What happens when a window closes, and on every evaluation tick.
 
 A closed window gets its drift, performance and operations reports computed
-once, stored (the history alerts and ``/metrics`` read), exported to
+once, stored (the history alerts and ``/metrics`` read; a drift report asked
+for later is served from there), its features packed as columns (a report
+computed later reads those, :mod:`.packed_windows`), exported to
 Prometheus, and handed to the listeners (alert rules, canary analysis). The
 tick closes time windows whose end has passed and purges rows past their
 model's retention. Work runs in one background task, in order, so a burst of
@@ -20,7 +22,7 @@ from typing import Final
 
 from conveyor.monitor.v1 import resources_pb2 as pb
 from conveyor.services.monitor import config as configs
-from conveyor.services.monitor import reports
+from conveyor.services.monitor import packed_windows, reports
 from conveyor.services.monitor.alerting import SloMeasurement, WindowFindings
 from conveyor.services.monitor.ingest import VersionProfile
 from conveyor.services.monitor.metrics import MonitorMetrics
@@ -139,6 +141,15 @@ class WindowEvaluator:
                     report,
                     settings_time_us=profile.settings_time_us,
                 )
+        if rows.status_codes.size:
+            await self._workers.run(
+                packed_windows.put,
+                self._store.engine,
+                model_version,
+                index,
+                rows,
+                stored_rows=int(rows.status_codes.size),
+            )
         self._metrics.observe_operations(operations)
         if drift is not None:
             self._metrics.observe_drift(drift)

@@ -30,6 +30,8 @@ StrArray = npt.NDArray[np.str_]
 MAX_FEATURES: Final = 10_000
 MAX_NAME_LENGTH: Final = 128
 DECILE_SAMPLE_ROWS: Final = 1_000
+PREDICTION_FEATURE: Final = "prediction"
+"""The name prediction drift reports its predicted classes under."""
 """Rows interpolated from the deciles when training statistics carry no sample."""
 _FORMAT_VERSION: Final = 1
 
@@ -97,7 +99,9 @@ def check_schema(features: Sequence[pb.FeatureSpec], *, prefix: str) -> list[Fie
 
 @dataclass(frozen=True, eq=False)
 class ReferenceData:
-    """The reference rows, column blocks in schema order within each kind."""
+    """The reference rows, column blocks in schema order within each kind, and
+    the columns as the drift tests use them, prepared once for every report
+    (:meth:`prepared`, :meth:`prepared_predictions`)."""
 
     numerical: FloatArray
     """Rows by numerical features; NaN where missing."""
@@ -107,6 +111,11 @@ class ReferenceData:
     """Rows by output columns (no columns when the reference carries none)."""
     labels: npt.NDArray[np.int64]
     """One class per row, -1 where the row has none."""
+    _prepared: dict[str, drift.PreparedReference] = field(
+        default_factory=dict, init=False, repr=False
+    )
+    """By what the columns are: reports on several threads share it, and one of
+    two preparations made at once is kept (a dict's item assignment is atomic)."""
 
     @property
     def rows(self) -> int:
@@ -115,6 +124,26 @@ class ReferenceData:
     def columns(self) -> list[npt.NDArray[Any]]:
         """One array per feature, numerical first (:meth:`FeatureSchema.drift_schema`)."""
         return [*self.numerical.T, *self.categorical.T]
+
+    def prepared(self, schema: Sequence[drift.FeatureSpec]) -> drift.PreparedReference:
+        """:meth:`columns` prepared for :func:`.drift.drift_report` with ``schema``
+        (:meth:`FeatureSchema.drift_schema`), kept for the next report."""
+        prepared = self._prepared.get("features")
+        if prepared is None or prepared.schema != tuple(schema):
+            prepared = self._prepared["features"] = drift.PreparedReference(schema, self.columns())
+        return prepared
+
+    def prepared_predictions(self) -> drift.PreparedReference:
+        """The outputs' predicted classes (:func:`predicted_classes`) as the
+        categorical feature ``PREDICTION_FEATURE``, prepared and kept."""
+        prepared = self._prepared.get(PREDICTION_FEATURE)
+        if prepared is None:
+            classes = predicted_classes(self.outputs).astype(np.str_)
+            schema = [drift.FeatureSpec(PREDICTION_FEATURE, drift.FeatureType.CATEGORICAL)]
+            prepared = self._prepared[PREDICTION_FEATURE] = drift.PreparedReference(
+                schema, [classes]
+            )
+        return prepared
 
     def to_bytes(self) -> bytes:
         buffer = io.BytesIO()
@@ -139,6 +168,16 @@ class ReferenceData:
                 outputs=stored["outputs"],
                 labels=stored["labels"],
             )
+
+
+def predicted_classes(outputs: npt.NDArray[np.float64]) -> npt.NDArray[np.int64]:
+    """The arg-max class of each output row (one column: class 1 at >= 0.5;
+    the same for probabilities and, through the sigmoid, for logits at 0)."""
+    if outputs.shape[1] == 1:
+        classes: npt.NDArray[np.int64] = (outputs[:, 0] >= 0.5).astype(np.int64)
+    else:
+        classes = np.argmax(outputs, axis=1).astype(np.int64)
+    return classes
 
 
 def classes_of(output_columns: int) -> int:

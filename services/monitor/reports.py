@@ -18,22 +18,14 @@ import numpy.typing as npt
 from conveyor.monitor.v1 import resources_pb2 as pb
 from conveyor.services.monitor import drift, performance
 from conveyor.services.monitor.ingest import VersionProfile
+from conveyor.services.monitor.packed_windows import FeatureRows
+from conveyor.services.monitor.references import PREDICTION_FEATURE as PREDICTION_FEATURE
 from conveyor.services.monitor.references import ReferenceData
+from conveyor.services.monitor.references import predicted_classes as predicted_classes
 from conveyor.services.monitor.statistics import DistributionComparison, MultipleTestingCorrection
 from conveyor.services.monitor.store import WindowRows
 
-PREDICTION_FEATURE: Final = "prediction"
 _PERCENTILES: Final = (50.0, 90.0, 95.0, 99.0)
-
-
-def predicted_classes(outputs: npt.NDArray[np.float64]) -> npt.NDArray[np.int64]:
-    """The arg-max class of each output row (one column: class 1 at >= 0.5;
-    the same for probabilities and, through the sigmoid, for logits at 0)."""
-    if outputs.shape[1] == 1:
-        classes: npt.NDArray[np.int64] = (outputs[:, 0] >= 0.5).astype(np.int64)
-    else:
-        classes = np.argmax(outputs, axis=1).astype(np.int64)
-    return classes
 
 
 def drift_report(
@@ -41,7 +33,7 @@ def drift_report(
     reference: pb.Reference,
     data: ReferenceData,
     window: pb.Window,
-    rows: WindowRows,
+    rows: FeatureRows,
     *,
     distributions: bool,
 ) -> pb.DriftReport:
@@ -54,9 +46,11 @@ def drift_report(
         overrides = dict(config.feature_tests)
         overrides.update({name: drift.DriftTestSpec(drift.DriftTest.NONE) for name in dropped})
         config = replace(config, feature_tests=overrides)
-    current = [*rows.numerical.T, *rows.categorical.T]
+    drift_schema = schema.drift_schema()
+    # One transpose into contiguous columns: sorting and scanning strided views costs more.
+    current = [*np.ascontiguousarray(rows.numerical.T), *rows.categorical.T]
     result = drift.drift_report(
-        schema.drift_schema(), data.columns(), current, config, distributions=distributions
+        drift_schema, data.prepared(drift_schema), current, config, distributions=distributions
     )
     by_name = {feature.feature: feature for feature in result.features}
     report = pb.DriftReport(
@@ -84,7 +78,7 @@ def drift_report(
 
 
 def _prediction_drift(
-    profile: VersionProfile, data: ReferenceData, rows: WindowRows, *, distributions: bool
+    profile: VersionProfile, data: ReferenceData, rows: FeatureRows, *, distributions: bool
 ) -> pb.FeatureDrift:
     config = drift.DriftConfig(
         categorical_test=profile.config.prediction_test,
@@ -92,9 +86,10 @@ def _prediction_drift(
         large_reference_rows=profile.config.drift.large_reference_rows,
         min_rows=profile.config.drift.min_rows,
     )
+    reference = data.prepared_predictions()
     result = drift.drift_report(
-        [drift.FeatureSpec(PREDICTION_FEATURE, drift.FeatureType.CATEGORICAL)],
-        [predicted_classes(data.outputs).astype(np.str_)],
+        reference.schema,
+        reference,
         [predicted_classes(rows.outputs).astype(np.str_)],
         config,
         distributions=distributions,

@@ -17,11 +17,12 @@ from conveyor.monitor.v1 import monitor_messages_pb2 as rpc
 from conveyor.monitor.v1 import resources_pb2 as pb
 from conveyor.registry.v1 import resources_pb2 as registry_pb
 from conveyor.services.monitor import config as configs
-from conveyor.services.monitor import reports
+from conveyor.services.monitor import packed_windows, reports
 from conveyor.services.monitor.ingest import SubjectHasher, VersionProfile
 from conveyor.services.monitor.ingestor import Ingestor, now_us
 from conveyor.services.monitor.listing import list_predictions, record_of
 from conveyor.services.monitor.metrics import MonitorMetrics
+from conveyor.services.monitor.packed_windows import FeatureRows
 from conveyor.services.monitor.profiles import (
     VersionProfiles,
     build_reference,
@@ -397,13 +398,23 @@ class MonitorServicer:
             )
             if body is not None:
                 return rpc.GetDriftReportResponse(drift_report=pb.DriftReport.FromString(body))
+        features: FeatureRows | None = None
+        if stored is not None and stored.closed:
+            features = await self._workers.run(
+                packed_windows.get,
+                self._store.engine,
+                stored.model_version,
+                stored.index,
+                numerical_columns=len(selected.profile.schema.numerical),
+                categorical_columns=len(selected.profile.schema.categorical),
+            )
         report = await self._workers.run(
             reports.drift_report,
             selected.profile,
             reference,
             data,
             selected.window,
-            await self._rows(selected),
+            features if features is not None else await self._rows(selected),
             distributions=request.include_distributions,
         )
         return rpc.GetDriftReportResponse(drift_report=report)

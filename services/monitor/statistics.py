@@ -29,9 +29,11 @@ detects the reference's own sampling noise.
 
 Cost, for a window of n values and a reference of m: the ``*_sorted`` functions
 take samples sorted once by the caller, O(n log n), the only super-linear step
-over the window. After that the KS statistic costs O(m log n) (SciPy's own pass,
-which brings the exact p-value, is kept for samples of at most 10,000 values),
-Wasserstein one linear merge, and quantile bins O(b log n) for b bins.
+over the window; the ``*_to_reference`` ones take the reference prepared once
+(:class:`ReferenceSample`). After that the KS statistic costs O(m log n) (SciPy's
+own pass, which brings the exact p-value, is kept for samples of at most 10,000
+values), Wasserstein a binary search of the smaller sample's values and a linear
+pass over both, and quantile bins O(b log n) for b bins (O(n log b) unsorted).
 Categorical columns cost O(n log c) string comparisons for c reference
 categories (``np.searchsorted``, ``np.bincount``). Nothing loops over rows in
 Python.
@@ -41,9 +43,10 @@ from __future__ import annotations
 
 import enum
 import math
+import threading
 import warnings
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -57,6 +60,9 @@ PSI_SMOOTHING: Final = 1e-4
 UNSEEN_CATEGORY: Final = "__other__"
 UNSEEN_REFERENCE_COUNT: Final = 0.5
 _KS_EXACT_MAX_ROWS: Final = 10_000  # `ks_2samp`'s exact p-values under `auto`
+_WARNING_FILTERS = threading.Lock()
+"""Held around ``warnings.catch_warnings``: the filters are process-wide, and two
+threads that save and restore them out of order would leave one's filter in place."""
 
 
 class MultipleTestingCorrection(enum.Enum):
@@ -77,6 +83,63 @@ class DistributionComparison:
     categories: tuple[str, ...]
     reference_counts: tuple[int, ...]
     current_counts: tuple[int, ...]
+
+
+class ReferenceSample:
+    """A reference column prepared once for every window compared with it: its
+    non-missing values (sorted when numerical, as the ``*_sorted`` functions
+    need them) and, each computed when a test first needs it, what the tests
+    derive from them alone.
+
+    Reports on several threads may share one: a value two threads compute at
+    once is computed twice, identically, and either result is kept. The arrays
+    are read-only."""
+
+    def __init__(self, values: npt.NDArray[Any]) -> None:
+        self.values = values.view()
+        self.values.flags.writeable = False  # the view only: the caller's array stays as it was
+        self._std: float | None = None
+        self._distinct_values: int | None = None
+        self._categories: tuple[npt.NDArray[Any], IntArray] | None = None
+        self._bins: dict[int, tuple[FloatArray, IntArray]] = {}
+
+    @property
+    def size(self) -> int:
+        return int(self.values.size)
+
+    def std(self) -> float:
+        """The standard deviation (ddof 0) of numerical values."""
+        std = self._std
+        if std is None:
+            std = self._std = float(np.std(self.values))
+        return std
+
+    def distinct_values(self) -> int:
+        """How many distinct values the sorted numerical values hold."""
+        distinct = self._distinct_values
+        if distinct is None:
+            distinct = 1 + int(np.count_nonzero(np.diff(self.values))) if self.size else 0
+            self._distinct_values = distinct
+        return distinct
+
+    def categories(self) -> tuple[npt.NDArray[Any], IntArray]:
+        """The distinct values, sorted, and how often each occurs."""
+        categories = self._categories
+        if categories is None:
+            values, counts = np.unique(self.values, return_counts=True)
+            values.flags.writeable = counts.flags.writeable = False
+            categories = self._categories = (values, counts)
+        return categories
+
+    def bins(self, bins: int) -> tuple[FloatArray, IntArray]:
+        """:func:`quantile_bin_edges` and the sorted numerical values' count per bin."""
+        found = self._bins.get(bins)
+        if found is None:
+            edges = quantile_bin_edges(self.values, bins)
+            counts = _sorted_bin_counts(self.values, edges)
+            edges.flags.writeable = counts.flags.writeable = False
+            found = self._bins[bins] = (edges, counts)
+        return found
 
 
 def adjust_p_values(p_values: npt.ArrayLike, correction: MultipleTestingCorrection) -> FloatArray:
@@ -175,7 +238,14 @@ def compare_categories(
     """Both samples counted per reference category (strings, or the values of a
     numerical feature, named by ``repr``), the window's unseen ones pooled as
     ``__other__``."""
-    categories, reference_counts = np.unique(reference, return_counts=True)
+    return compare_categories_to_reference(ReferenceSample(reference), current)
+
+
+def compare_categories_to_reference(
+    reference: ReferenceSample, current: npt.NDArray[Any]
+) -> DistributionComparison:
+    """:func:`compare_categories` with the reference's categories kept."""
+    categories, reference_counts = reference.categories()
     positions = np.minimum(np.searchsorted(categories, current), categories.size - 1)
     seen = categories[positions] == current
     current_counts = np.bincount(positions[seen], minlength=categories.size)
@@ -196,7 +266,15 @@ def compare_categories(
 
 
 def kolmogorov_smirnov_sorted(first: FloatArray, second: FloatArray) -> tuple[float, float]:
-    """:func:`kolmogorov_smirnov` on sorted samples.
+    """:func:`kolmogorov_smirnov` on sorted samples (see
+    :func:`kolmogorov_smirnov_to_reference`)."""
+    return kolmogorov_smirnov_to_reference(ReferenceSample(first), second)
+
+
+def kolmogorov_smirnov_to_reference(
+    reference: ReferenceSample, current: FloatArray
+) -> tuple[float, float]:
+    """:func:`kolmogorov_smirnov` of the reference's and the window's sorted values.
 
     Up to 10,000 values a side SciPy computes the exact p-value, so it is asked
     for everything. Beyond, its statistic costs a pass over both samples' CDFs
@@ -204,17 +282,20 @@ def kolmogorov_smirnov_sorted(first: FloatArray, second: FloatArray) -> tuple[fl
     taken only where it can peak, at the smaller sample's distinct values and
     just before them, which gives the same numbers from the same integer counts.
     The p-value is then SciPy's asymptotic one, as ``ks_2samp`` computes it."""
-    if max(first.size, second.size) <= _KS_EXACT_MAX_ROWS:
-        with warnings.catch_warnings():
+    if max(reference.size, current.size) <= _KS_EXACT_MAX_ROWS:
+        with _WARNING_FILTERS, warnings.catch_warnings():
             # `auto` falls back from the exact p-value to the asymptotic one with a
-            # RuntimeWarning; the fallback is the behaviour mirrored here. (The filter
-            # is process-wide state: worth knowing if reports ever run in threads.)
+            # RuntimeWarning; the fallback is the behaviour mirrored here.
             warnings.simplefilter("ignore", RuntimeWarning)
-            result = stats.ks_2samp(first, second, method="auto")
+            result = stats.ks_2samp(reference.values, current, method="auto")
         return float(result.statistic), float(result.pvalue)
-    small, large = (first, second) if first.size <= second.size else (second, first)
-    values, counts = np.unique(small, return_counts=True)
-    small_cdf = np.cumsum(counts) / small.size
+    if reference.size <= current.size:
+        small_size, large = reference.size, current
+        values, counts = reference.categories()
+    else:
+        small_size, large = current.size, reference.values
+        values, counts = np.unique(current, return_counts=True)
+    small_cdf = np.cumsum(counts) / small_size
     large_cdf = np.searchsorted(large, values, side="right") / large.size
     large_cdf_before = np.searchsorted(large, values, side="left") / large.size
     differences = np.concatenate(
@@ -225,38 +306,80 @@ def kolmogorov_smirnov_sorted(first: FloatArray, second: FloatArray) -> tuple[fl
         )
     )
     statistic = float(max(differences.max(), -differences.min()))
-    rows, other_rows = float(large.size), float(small.size)
+    rows, other_rows = float(large.size), float(small_size)
     effective_rows = np.round(rows * other_rows / (rows + other_rows))
     return statistic, float(np.clip(stats.kstwo.sf(statistic, effective_rows), 0.0, 1.0))
 
 
 def wasserstein_sorted(reference: FloatArray, current: FloatArray) -> float:
-    """:func:`wasserstein` on sorted samples: SciPy's sum of ``|F_ref - F_cur|``
-    times the gaps between consecutive values of both, with the CDFs counted
-    from the merged order instead of a binary search per value."""
-    merged = np.concatenate((reference, current))
-    merged.sort(kind="stable")  # two sorted runs: one linear merge
-    positions = np.searchsorted(merged, reference, side="left")
-    reference_at = np.cumsum(np.bincount(positions, minlength=merged.size))[:-1]
-    # Counts are exact at the last of equal values, the only ones with a gap after them.
-    current_at = np.arange(1, merged.size) - reference_at
+    """:func:`wasserstein` on sorted samples (see :func:`wasserstein_to_reference`)."""
+    return wasserstein_to_reference(ReferenceSample(reference), current)
+
+
+def wasserstein_to_reference(reference: ReferenceSample, current: FloatArray) -> float:
+    """:func:`wasserstein` of the reference's and the window's sorted values:
+    SciPy's sum of ``|F_ref - F_cur|`` times the gaps between consecutive values
+    of both, with the CDFs counted along the merged order.
+
+    The merge places only the smaller sample by binary search, O(s log l) for
+    sizes s <= l, then fills in the larger one: the order a stable sort of the
+    reference followed by the window gives (a reference value before an equal
+    window value). Each count is exact at the last of equal values, the only
+    ones with a gap after them."""
+    larger_is_reference = current.size <= reference.size
+    small, large = (
+        (current, reference.values) if larger_is_reference else (reference.values, current)
+    )
+    side: Literal["left", "right"] = "right" if larger_is_reference else "left"
+    merged_size = small.size + large.size
+    small_at = np.arange(small.size) + np.searchsorted(large, small, side=side)
+    from_small = np.zeros(merged_size, dtype=np.bool_)
+    from_small[small_at] = True
+    merged = np.empty(merged_size)
+    merged[small_at] = small
+    merged[~from_small] = large
+    # Small-sample values up to each merged position; 32-bit counts sum faster (and are exact).
+    counter: type[np.signedinteger[Any]] = (
+        np.int32 if merged_size < np.iinfo(np.int32).max else np.int64
+    )
+    small_before: npt.NDArray[np.signedinteger[Any]] = np.cumsum(from_small[:-1], dtype=counter)
+    large_before: npt.NDArray[np.signedinteger[Any]] = (
+        np.arange(1, merged_size, dtype=counter) - small_before
+    )
+    reference_at, current_at = (
+        (large_before, small_before) if larger_is_reference else (small_before, large_before)
+    )
     gaps = np.diff(merged)
     moved = float(
         np.vecdot(np.abs(reference_at / reference.size - current_at / current.size), gaps)
     )
-    scale = float(np.std(reference))
+    scale = reference.std()
     return moved / scale if scale > 0 else moved
 
 
 def compare_sorted_bins(
     reference: FloatArray, current: FloatArray, bins: int
 ) -> DistributionComparison:
-    edges = quantile_bin_edges(reference, bins)
+    return compare_bins_to_reference(ReferenceSample(reference), current, bins, current_sorted=True)
+
+
+def compare_bins_to_reference(
+    reference: ReferenceSample, current: FloatArray, bins: int, *, current_sorted: bool
+) -> DistributionComparison:
+    """The reference's sorted values and the window's counted in
+    :func:`quantile_bin_edges`' bins, from sorted window values in O(b log n),
+    else by one binary search per value among the b edges."""
+    edges, reference_counts = reference.bins(bins)
+    if current_sorted:
+        current_counts = _sorted_bin_counts(current, edges)
+    else:
+        bin_of = np.searchsorted(edges[1:-1], current, side="right")
+        current_counts = np.bincount(bin_of, minlength=edges.size - 1)
     return DistributionComparison(
         bin_edges=tuple(edges.tolist()),
         categories=(),
-        reference_counts=tuple(_sorted_bin_counts(reference, edges).tolist()),
-        current_counts=tuple(_sorted_bin_counts(current, edges).tolist()),
+        reference_counts=tuple(reference_counts.tolist()),
+        current_counts=tuple(current_counts.tolist()),
     )
 
 

@@ -24,9 +24,10 @@ from sqlalchemy import and_, delete, func, insert, select, tuple_, update
 from sqlalchemy.engine import Connection, Engine, Row
 
 from conveyor.monitor.v1 import resources_pb2 as pb
-from conveyor.services.monitor import schema
+from conveyor.services.monitor import packed_windows, schema
 from conveyor.services.monitor.config import WindowSize
 from conveyor.services.monitor.ingest import PreparedRows
+from conveyor.services.monitor.packed_windows import FeatureRows
 from conveyor.shared.storage import read_transaction, write_transaction
 
 _IN_CHUNK: Final = 500
@@ -69,13 +70,9 @@ class IngestResult:
 
 
 @dataclass(frozen=True, eq=False)
-class WindowRows:
+class WindowRows(FeatureRows):
     """A window's (or time range's) stored rows as columns."""
 
-    numerical: npt.NDArray[np.float64]
-    categorical: npt.NDArray[np.str_]
-    outputs: npt.NDArray[np.float64]
-    """Successful rows only, like the two above."""
     labels: npt.NDArray[np.int64]
     """Per successful row, -1 where no label arrived."""
     status_codes: npt.NDArray[np.int32]
@@ -409,14 +406,16 @@ class MonitorStore:
                         )
                     )
                 ).rowcount
-            # Reports computed over the erased rows would still describe them.
+            # Reports and packed columns of the windows would still hold them.
             reports = schema.reports
-            for model_version, index in sorted({(k.model_version, k.window_index) for k in keys}):
+            touched = sorted({(k.model_version, k.window_index) for k in keys})
+            for model_version, index in touched:
                 connection.execute(
                     delete(reports).where(
                         reports.c.model_version == model_version, reports.c.window_index == index
                     )
                 )
+            packed_windows.drop(connection, touched)
         return erased, erased_feedback
 
     def purge(
@@ -431,6 +430,7 @@ class MonitorStore:
             )
             for model in sorted(set(models) | set(feedback_models)):
                 cutoff = now_us - _micros(retention_by_model.get(model, default))
+                packed_windows.drop_started_before(connection, model, cutoff)
                 deleted += connection.execute(
                     delete(predictions).where(
                         predictions.c.model == model, predictions.c.time_us < cutoff

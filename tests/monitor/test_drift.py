@@ -22,6 +22,7 @@ from conveyor.services.monitor.drift import (
     FeatureType,
     drift_report,
 )
+from conveyor.services.monitor.references import PREDICTION_FEATURE, ReferenceData
 from conveyor.services.monitor.statistics import MultipleTestingCorrection
 
 NUMERICAL = FeatureType.NUMERICAL
@@ -559,3 +560,155 @@ def test_summaries_follow_feature_summary() -> None:
     assert (gone.count, gone.missing_count, gone.deciles) == (0, 500, ())
     assert math.isnan(gone.mean)
     assert math.isnan(gone.std)
+
+
+def mixed_reference_and_window(
+    rng: np.random.Generator, reference_rows: int, current_rows: int
+) -> tuple[list[FeatureSpec], Columns, Columns]:
+    """Continuous, few-valued and categorical features, with missing values and
+    signed zeros (ties across both samples)."""
+    schema = [*numerical_schema(3), FeatureSpec("city", CATEGORICAL)]
+    cities = np.array(["", "Oslo", "Bergen", "Tromsø"])
+    reference: Columns = [
+        rng.normal(size=reference_rows),
+        np.round(rng.normal(size=reference_rows)),
+        rng.integers(0, 4, reference_rows).astype(np.float64),
+        cities[rng.integers(0, 4, reference_rows)],
+    ]
+    current: Columns = [
+        rng.normal(0.2, size=current_rows),
+        np.round(rng.normal(0.3, size=current_rows)),
+        rng.integers(0, 5, current_rows).astype(np.float64),
+        cities[rng.integers(0, 3, current_rows)],
+    ]
+    reference[0][:20] = 0.0
+    reference[0][20:40] = -0.0
+    current[0][:15] = -0.0
+    reference[1][::9] = np.nan
+    current[1][::4] = np.nan
+    return schema, reference, current
+
+
+@pytest.mark.parametrize(
+    ("reference_rows", "current_rows"), [(2000, 300), (300, 2000), (20_000, 12_000)]
+)
+@pytest.mark.parametrize("test", [t for t in DriftTest if t in drift.NUMERICAL_TESTS])
+def test_a_prepared_reference_gives_the_raw_columns_results(
+    reference_rows: int, current_rows: int, test: DriftTest
+) -> None:
+    rng = np.random.default_rng(reference_rows + current_rows)
+    schema, reference, current = mixed_reference_and_window(rng, reference_rows, current_rows)
+    prepared = drift.PreparedReference(schema, reference)
+    for distributions in (False, True):
+        config = DriftConfig(numerical_test=DriftTestSpec(test), psi_bins=7)
+        raw = drift_report(schema, reference, current, config, distributions=distributions)
+        # Twice: the second report reads what the first prepared.
+        for _ in range(2):
+            cached = drift_report(schema, prepared, current, config, distributions=distributions)
+            assert cached == raw
+
+
+def test_the_to_reference_statistics_are_the_sorted_ones_bit_for_bit() -> None:
+    rng = np.random.default_rng(11)
+    for reference_rows, current_rows in ((50_000, 700), (700, 50_000), (30_000, 30_000)):
+        reference = np.sort(np.round(rng.normal(size=reference_rows), 2))
+        current = np.sort(np.round(rng.normal(0.1, size=current_rows), 2))
+        sample = statistics.ReferenceSample(reference)
+        expected = stats.wasserstein_distance(reference, current) / np.std(reference)
+        for _ in range(2):
+            distance_value = statistics.wasserstein_to_reference(sample, current)
+            assert distance_value == statistics.wasserstein_sorted(reference, current)
+            assert distance_value == pytest.approx(expected, rel=1e-12)
+            assert statistics.kolmogorov_smirnov_to_reference(
+                sample, current
+            ) == statistics.kolmogorov_smirnov_sorted(reference, current)
+        unsorted = rng.permutation(current)
+        binned = statistics.compare_bins_to_reference(sample, unsorted, 10, current_sorted=False)
+        assert binned == statistics.compare_sorted_bins(reference, current, 10)
+
+
+def test_a_reference_column_is_prepared_once_and_only_when_tested(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    rng = np.random.default_rng(5)
+    schema = numerical_schema(3)
+    reference = normal_columns(rng, 3, 5000)
+    reference[2][7] = np.inf  # never tested below, so never checked
+    prepared = drift.PreparedReference(schema, reference)
+    sorts: list[int] = []
+    quantiles: list[int] = []
+    real_sort, real_edges = np.sort, statistics.quantile_bin_edges
+
+    def counting_sort(values: npt.NDArray[Any]) -> npt.NDArray[Any]:
+        sorts.append(values.size)
+        return real_sort(values)
+
+    def counting_edges(values: npt.NDArray[Any], bins: int) -> npt.NDArray[np.float64]:
+        quantiles.append(bins)
+        edges: npt.NDArray[np.float64] = real_edges(values, bins)
+        return edges
+
+    monkeypatch.setattr(drift.np, "sort", counting_sort)
+    monkeypatch.setattr(statistics, "quantile_bin_edges", counting_edges)
+    config = DriftConfig(
+        numerical_test=DriftTestSpec(DriftTest.POPULATION_STABILITY_INDEX),
+        feature_tests={"x2": DriftTestSpec(DriftTest.NONE)},
+    )
+    for _ in range(3):
+        drift_report(schema, prepared, normal_columns(rng, 3, 400), config)
+    assert sorts == [5000, 5000]  # the two tested reference columns; PSI sorts no window
+    assert quantiles == [10, 10]
+    with pytest.raises(ValueError, match="'x2' holds infinite values"):
+        drift_report(schema, prepared, normal_columns(rng, 3, 400))
+
+
+def test_a_prepared_reference_must_fit_the_schema() -> None:
+    rng = np.random.default_rng(6)
+    prepared = drift.PreparedReference(numerical_schema(2), normal_columns(rng, 2, 100))
+    with pytest.raises(ValueError, match="another schema"):
+        drift_report(numerical_schema(3), prepared, normal_columns(rng, 3, 100))
+    with pytest.raises(ValueError, match="feature 'x1' has 50 rows"):
+        drift.PreparedReference(numerical_schema(2), [np.zeros(100), np.zeros(50)])
+
+
+def test_features_tested_on_threads_give_the_serial_results(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    rng = np.random.default_rng(8)
+    schema, reference, current = mixed_reference_and_window(rng, 3000, 2000)
+    prepared = drift.PreparedReference(schema, reference)
+    for test in (DriftTest.UNSPECIFIED, DriftTest.KOLMOGOROV_SMIRNOV):
+        config = DriftConfig(numerical_test=DriftTestSpec(test), large_reference_rows=100)
+        serial = drift_report(schema, prepared, current, config, distributions=True)
+        monkeypatch.setattr(drift, "PARALLEL_MIN_VALUES", 1)
+        assert drift_report(schema, prepared, current, config, distributions=True) == serial
+        monkeypatch.undo()
+    monkeypatch.setattr(drift, "PARALLEL_MIN_VALUES", 1)
+    current[2][3] = np.inf
+    with pytest.raises(ValueError, match="current column of feature 'x2' holds infinite"):
+        drift_report(schema, prepared, current)
+
+
+def test_reference_data_keeps_its_prepared_columns() -> None:
+    rng = np.random.default_rng(9)
+    outputs = rng.random((400, 3))
+    data = ReferenceData(
+        rng.normal(size=(400, 2)),
+        np.array(["a", "b"])[rng.integers(0, 2, (400, 1))],
+        outputs,
+        np.full(400, -1),
+    )
+    schema = [*numerical_schema(2), FeatureSpec("c", CATEGORICAL)]
+    assert data.prepared(schema) is data.prepared(schema)
+    assert data.prepared([*schema[:2], FeatureSpec("d", CATEGORICAL)]).schema[2].name == "d"
+    predictions = data.prepared_predictions()
+    assert predictions is data.prepared_predictions()
+    (classes,) = predictions.schema
+    assert classes == FeatureSpec(PREDICTION_FEATURE, CATEGORICAL)
+    expected = np.unique(np.argmax(outputs, axis=1).astype(np.str_), return_counts=True)
+    categories, counts = predictions.sample(0).categories()
+    assert (categories.tolist(), counts.tolist()) == (expected[0].tolist(), expected[1].tolist())
+    window = [*normal_columns(rng, 2, 300), np.array(["a", "c"])[rng.integers(0, 2, 300)]]
+    assert drift_report(schema, data.prepared(schema), window) == drift_report(
+        schema, data.columns(), window
+    )

@@ -7,6 +7,7 @@ import asyncio
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -18,6 +19,7 @@ from sklearn.metrics import accuracy_score, f1_score, roc_auc_score
 from conveyor.monitor.v1 import monitor_messages_pb2 as rpc
 from conveyor.monitor.v1 import resources_pb2 as pb
 from conveyor.registry.v1 import resources_pb2 as registry_pb
+from conveyor.services.monitor import packed_windows
 from conveyor.shared.errors import InvalidArgumentError
 from tests.monitor.conftest import Suite, a_schema, records, reference_rows, reference_stream
 from tests.support.registry import expect_error, refused
@@ -93,20 +95,36 @@ async def test_distributions_come_on_request(suite: Suite) -> None:
 
 
 async def test_a_closed_windows_drift_report_is_served_as_stored_until_it_is_stale(
-    suite: Suite,
+    suite: Suite, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    version, _ = await monitored(suite)
-    rng = np.random.default_rng(112)
-    await suite.log(
-        records(version, rng.normal(size=(WINDOW, 4)), subject="customer-1")[:1]
-        + records(version, rng.normal(size=(WINDOW - 1, 4)), start=1)
-    )
+    version, reference = await monitored(suite)
+    values = np.random.default_rng(112).normal(size=(WINDOW, 4))
+    batch = records(version, values)
+    batch[0].subject_key = "customer-1"
+    await suite.log(batch)
+    packed_reads: list[bool] = []
+    read_packed = packed_windows.get
+
+    def spy(*args: Any, **kwargs: Any) -> packed_windows.FeatureRows | None:
+        found = read_packed(*args, **kwargs)
+        packed_reads.append(found is not None)
+        return found
+
+    monkeypatch.setattr(packed_windows, "get", spy)
+
+    def assert_scipys(report: pb.DriftReport, reference: np.ndarray, current: np.ndarray) -> None:
+        for j, feature in enumerate(report.features):
+            expected = stats.ks_2samp(reference[:, j], current[:, j])
+            assert feature.current_count == current.shape[0]
+            assert feature.statistic == pytest.approx(expected.statistic, abs=1e-12)
+            assert feature.p_value == pytest.approx(expected.pvalue, rel=1e-9)
 
     stored = await drift(suite, version, 0)
     again = await drift(suite, version, 0)
     assert again == stored  # the evaluator's report, compute_time and all
+    assert packed_reads == []
 
-    # The config changed: computed again under it, then served as computed.
+    # The config changed: computed again under it, from the packed columns.
     await suite.configure(
         "models/fraud",
         ["drift.numerical_test"],
@@ -117,17 +135,27 @@ async def test_a_closed_windows_drift_report_is_served_as_stored_until_it_is_sta
     recomputed = await drift(suite, version, 0)
     assert {f.test for f in recomputed.features} == {pb.DRIFT_TEST_POPULATION_STABILITY_INDEX}
     assert recomputed.compute_time.ToNanoseconds() > stored.compute_time.ToNanoseconds()
+    await suite.configure(
+        "models/fraud",
+        ["drift.numerical_test"],
+        drift=pb.DriftConfig(
+            numerical_test=pb.DriftTestSpec(test=pb.DRIFT_TEST_KOLMOGOROV_SMIRNOV)
+        ),
+    )
+    assert_scipys(await drift(suite, version, 0), reference, values)
+    assert packed_reads == [True, True]
 
     # A new reference: computed against it.
-    await suite.set_reference(version, np.random.default_rng(113).normal(size=(500, 4)))
-    assert (await drift(suite, version, 0)).reference_rows == 500
+    new_reference = np.random.default_rng(113).normal(size=(500, 4))
+    await suite.set_reference(version, new_reference)
+    assert_scipys(await drift(suite, version, 0), new_reference, values)
 
-    # An erased row is gone from the report.
+    # An erased row is gone from the report, read from the rows again.
     await suite.monitor.ErasePredictions(
         rpc.ErasePredictionsRequest(subject_key="customer-1"), timeout=10
     )
-    erased = await drift(suite, version, 0)
-    assert {f.current_count for f in erased.features} == {WINDOW - 1}
+    assert_scipys(await drift(suite, version, 0), new_reference, values[1:])
+    assert packed_reads == [True, True, True, False]
 
 
 async def test_performance_follows_late_labels(suite: Suite) -> None:

@@ -3,7 +3,10 @@ the schema the code expects, and the prediction log works the same on both."""
 
 from __future__ import annotations
 
+import json
+import time
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 
 import grpc
@@ -11,12 +14,15 @@ import numpy as np
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import inspect
+from sqlalchemy import func, inspect, select
 
 from conveyor.monitor.v1 import monitor_messages_pb2 as rpc
 from conveyor.monitor.v1 import resources_pb2 as pb
-from conveyor.services.monitor import schema
+from conveyor.services.monitor import packed_windows, schema
+from conveyor.services.monitor.config import WindowSize
+from conveyor.services.monitor.ingest import PreparedRows
 from conveyor.services.monitor.migrate import VERSION_TABLE, upgrade_to_head
+from conveyor.services.monitor.store import MonitorStore
 from conveyor.shared.storage import create_engine
 from conveyor.shared.storage.database import sqlite_url
 from tests.monitor.conftest import records, running_suite
@@ -90,3 +96,93 @@ async def test_the_log_windows_feedback_and_erasure_on_either_database(
             ),
             grpc.StatusCode.FAILED_PRECONDITION,  # the window's rows are gone
         )
+
+
+def _stored_rows(
+    version: str, numerical: np.ndarray, categories: list[str], *, now_us: int
+) -> PreparedRows:
+    """Rows as ``ingest.prepare`` makes them; the first has a subject and the
+    last one failed (no values)."""
+    rows = []
+    for i, values in enumerate(numerical):
+        failed = i == len(numerical) - 1
+        rows.append(
+            {
+                "model": version.split("/versions/")[0],
+                "request_id": f"r{i}",
+                "model_version": version,
+                "time_us": now_us + i,
+                "window_index": 0,
+                "status_code": 13 if failed else 0,
+                "latency_us": 1000 + i,
+                "shadow": False,
+                "numerical": b"" if failed else values.tobytes(),
+                "categorical": "[]" if failed else json.dumps([categories[i]]),
+                "outputs": b"" if failed else np.array([0.25, 0.75 + i]).tobytes(),
+                "subject_hash": "subject-hash" if i == 0 else None,
+                "outlier_score": None,
+                "outlier": False,
+                "label": None,
+                "label_time_us": None,
+                "ingest_time_us": now_us,
+            }
+        )
+    return PreparedRows(version, rows, 2)
+
+
+def test_closed_windows_are_packed_in_chunks_and_dropped_when_rows_leave(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine = create_engine(database_url)
+    upgrade_to_head(engine)
+    store = MonitorStore(engine)
+    version = "models/churn/versions/1"
+    numerical = np.random.default_rng(7).normal(size=(50, 3))
+    categories = [f"c{i % 4}" for i in range(50)]
+    now_us = time.time_ns() // 1000
+    result = store.ingest(
+        [_stored_rows(version, numerical, categories, now_us=now_us)],
+        {version: WindowSize(rows=50, duration=None, min_rows=1)},
+        now_us=now_us,
+    )
+    assert result.closed_windows == [(version, 0)]
+    rows = store.window_rows(version, index=0, numerical_columns=3, categorical_columns=1)
+
+    # 7 rows of 3 features and 2 outputs per chunk: 49 successful rows in 7 chunks.
+    monkeypatch.setattr(packed_windows, "CHUNK_BYTES", 7 * 5 * 8)
+    assert packed_windows.put(engine, version, 0, rows, stored_rows=50)
+    assert not packed_windows.put(engine, version, 0, rows, stored_rows=51)  # rows changed
+    with engine.connect() as connection:
+        chunks = connection.execute(
+            select(func.count()).select_from(schema.packed_windows)
+        ).scalar_one()
+    assert chunks == 7
+
+    def packed_window(index: int) -> packed_windows.FeatureRows | None:
+        return packed_windows.get(
+            engine, version, index, numerical_columns=3, categorical_columns=1
+        )
+
+    packed = packed_window(0)
+    assert packed is not None
+    np.testing.assert_array_equal(packed.numerical, numerical[:49])
+    np.testing.assert_array_equal(packed.categorical[:, 0], categories[:49])
+    np.testing.assert_array_equal(packed.outputs[:, 1], 0.75 + np.arange(49))
+    assert (
+        packed_windows.get(engine, version, 1, numerical_columns=3, categorical_columns=1) is None
+    )
+
+    # An erasure takes rows out of the window: its packed copy goes with them.
+    assert store.erase_subject("subject-hash", None) == (1, 0)
+    assert (
+        packed_windows.get(engine, version, 0, numerical_columns=3, categorical_columns=1) is None
+    )
+    rows = store.window_rows(version, index=0, numerical_columns=3, categorical_columns=1)
+    assert packed_windows.put(engine, version, 0, rows, stored_rows=49)
+
+    # So does the retention: the window holds rows older than the cutoff.
+    store.purge({"models/churn": timedelta(seconds=1)}, timedelta(days=30), now_us + 10_000_000)
+    assert (
+        packed_windows.get(engine, version, 0, numerical_columns=3, categorical_columns=1) is None
+    )
+    engine.dispose()

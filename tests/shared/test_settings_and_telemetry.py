@@ -107,3 +107,14 @@ def test_sqlite_engine_uses_wal_and_foreign_keys(tmp_path: Path) -> None:
         assert connection.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
     assert isinstance(engine, sqlalchemy.engine.Engine)
     engine.dispose()
+
+
+def test_sqlite_engine_memory_maps_only_when_asked(tmp_path: Path) -> None:
+    plain = create_engine(sqlite_url(tmp_path / "plain.db"))
+    mapped = create_engine(sqlite_url(tmp_path / "mapped.db"), sqlite_mmap_bytes=64 << 20)
+    with plain.connect() as connection:
+        assert connection.exec_driver_sql("PRAGMA mmap_size").scalar() == 0
+    with mapped.connect() as connection:
+        assert connection.exec_driver_sql("PRAGMA mmap_size").scalar() == 64 << 20
+    plain.dispose()
+    mapped.dispose()

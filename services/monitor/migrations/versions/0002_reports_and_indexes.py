@@ -1,8 +1,9 @@
 """Stored reports remember the settings they were computed under (so that a
-closed window's drift report can be served back while they are current), and
-the prediction log keeps fewer index entries per row (ingest cost): the
-subject index holds only rows with a subject, and time ranges of a version use
-the model's time index.
+closed window's drift report can be served back while they are current);
+closed windows' features packed as columns (``packed_windows``); and the
+prediction log keeps fewer index entries per row (ingest cost): the subject
+index holds only rows with a subject, and time ranges of a version use the
+model's time index.
 
 Revision ID: 0002
 Revises: 0001
@@ -25,6 +26,18 @@ _HAS_SUBJECT = sa.text("subject_hash IS NOT NULL")
 def upgrade() -> None:
     with op.batch_alter_table("reports", schema=None) as batch_op:
         batch_op.add_column(sa.Column("settings_time_us", sa.BigInteger(), nullable=True))
+    op.create_table(
+        "packed_windows",
+        sa.Column("model_version", sa.String(length=200), nullable=False),
+        sa.Column("window_index", sa.BigInteger(), nullable=False),
+        sa.Column("chunk", sa.Integer(), nullable=False),
+        sa.Column("row_count", sa.Integer(), nullable=False),
+        sa.Column("numerical", sa.LargeBinary(), nullable=False),
+        sa.Column("categorical", sa.Text(), nullable=True),
+        sa.Column("outputs", sa.LargeBinary(), nullable=False),
+        sa.Column("output_columns", sa.Integer(), nullable=False),
+        sa.PrimaryKeyConstraint("model_version", "window_index", "chunk"),
+    )
     op.drop_index("predictions_by_time", table_name="predictions")
     op.drop_index("predictions_by_subject", table_name="predictions")
     op.create_index(
@@ -40,5 +53,6 @@ def downgrade() -> None:
     op.drop_index("predictions_by_subject", table_name="predictions")
     op.create_index("predictions_by_subject", "predictions", ["subject_hash"])
     op.create_index("predictions_by_time", "predictions", ["model_version", "time_us"])
+    op.drop_table("packed_windows")
     with op.batch_alter_table("reports", schema=None) as batch_op:
         batch_op.drop_column("settings_time_us")
