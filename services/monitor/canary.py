@@ -65,6 +65,7 @@ from conveyor.services.monitor.drift import (
     FeatureType,
     drift_report,
 )
+from conveyor.services.monitor.references import PREDICTION_FEATURE
 from conveyor.services.monitor.statistics import MultipleTestingCorrection
 from conveyor.shared.errors import FieldViolation
 from conveyor.shared.names import ID_PATTERN
@@ -78,7 +79,6 @@ DEFAULT_LARGE_REFERENCE_ROWS: Final = DEFAULT_CONFIG.large_reference_rows
 """``DriftConfig.large_reference_rows``' default: the automatic prediction test
 switches from chi-squared to Jensen-Shannon above this many baseline predictions."""
 TOLERANCE: Final = 1e-12
-PREDICTION_FEATURE: Final = "prediction"
 
 _ALIAS: Final = re.compile(rf"^{ID_PATTERN}$")
 _INCREASES: Final = ("max_error_rate_increase", "max_latency_increase")

@@ -48,7 +48,7 @@ from conveyor.services.monitor.canary import (
 from conveyor.services.monitor.drift import DriftTestSpec
 from conveyor.services.monitor.metrics import MonitorMetrics
 from conveyor.services.monitor.profiles import VersionProfiles, model_of
-from conveyor.services.monitor.reports import predicted_classes
+from conveyor.services.monitor.references import predicted_classes
 from conveyor.services.monitor.store import MonitorStore
 from conveyor.shared.errors import (
     ConveyorError,

@@ -298,12 +298,14 @@ def drift_report(
     config: DriftConfig = DEFAULT_CONFIG,
     *,
     distributions: bool = False,
+    current_sorted: bool = False,
 ) -> DriftReport:
     """Compare the window's columns with the reference's, both in schema order
     (float columns with NaN for missing, string columns with "" for missing),
     and include each feature's histograms when ``distributions`` is set. A
     reference compared with many windows is best passed prepared once
-    (:class:`PreparedReference` of the same schema).
+    (:class:`PreparedReference` of the same schema). ``current_sorted`` says
+    the window's numerical columns come sorted (NaN last): no test sorts them.
 
     Raises ValueError naming the feature or config field for columns that do
     not match the schema, infinite values, an empty reference column, or an
@@ -336,6 +338,7 @@ def drift_report(
             reference_rows,
             config,
             distributions=distributions,
+            current_sorted=current_sorted,
         )
 
     if len(to_test) > 1 and current_rows * len(to_test) >= PARALLEL_MIN_VALUES:
@@ -427,9 +430,10 @@ def _measure(
     config: DriftConfig,
     *,
     distributions: bool,
+    current_sorted: bool,
 ) -> FeatureDrift:
-    """One feature's statistic (window values in any order), before the
-    correction and the verdict."""
+    """One feature's statistic (window values in any order, or sorted as
+    ``current_sorted`` says), before the correction and the verdict."""
     test = spec.test
     as_categories = feature.type is FeatureType.CATEGORICAL
     if test is DriftTest.UNSPECIFIED:
@@ -444,14 +448,15 @@ def _measure(
         as_categories = test in (DriftTest.CHI_SQUARED, DriftTest.JENSEN_SHANNON)
     comparison = None
     histogram_test = test not in (DriftTest.KOLMOGOROV_SMIRNOV, DriftTest.WASSERSTEIN)
-    if not histogram_test:
+    if not histogram_test and not current_sorted:
         current = np.sort(current)  # only these tests need the window sorted
+        current_sorted = True
     if histogram_test or distributions:
         comparison = (
             compare_categories_to_reference(reference, current)
             if as_categories
             else compare_bins_to_reference(
-                reference, current, config.psi_bins, current_sorted=not histogram_test
+                reference, current, config.psi_bins, current_sorted=current_sorted
             )
         )
     statistic, p_value = math.nan, None

@@ -26,6 +26,7 @@ from conveyor.services.monitor import packed_windows, reports
 from conveyor.services.monitor.alerting import SloMeasurement, WindowFindings
 from conveyor.services.monitor.ingest import VersionProfile
 from conveyor.services.monitor.metrics import MonitorMetrics
+from conveyor.services.monitor.packed_windows import FeatureRows
 from conveyor.services.monitor.profiles import VersionProfiles
 from conveyor.services.monitor.store import MonitorStore, WindowRows
 from conveyor.shared.errors import ConveyorError
@@ -126,7 +127,11 @@ class WindowEvaluator:
             categorical_columns=len(profile.schema.categorical),
         )
         operations = reports.operations_report(model_version, window, rows)
-        drift, performance = await self._workers.run(_quality_reports, profile, window, rows)
+        # Sorted once: for this drift report and for every later one (packed).
+        features = await self._workers.run(packed_windows.sorted_features, rows)
+        drift, performance = await self._workers.run(
+            _quality_reports, profile, window, rows, features
+        )
         for kind, report in (
             ("operations", operations),
             ("drift", drift),
@@ -147,7 +152,7 @@ class WindowEvaluator:
                 self._store.engine,
                 model_version,
                 index,
-                rows,
+                features,
                 stored_rows=int(rows.status_codes.size),
             )
         self._metrics.observe_operations(operations)
@@ -200,13 +205,14 @@ class WindowEvaluator:
 
 
 def _quality_reports(
-    profile: VersionProfile, window: pb.Window, rows: WindowRows
+    profile: VersionProfile, window: pb.Window, rows: WindowRows, features: FeatureRows
 ) -> tuple[pb.DriftReport | None, pb.PerformanceReport | None]:
-    """Drift and performance, where the version's reference allows them."""
+    """Drift (from ``features``, the rows' sorted columns) and performance,
+    where the version's reference allows them."""
     reference, data = profile.reference, profile.reference_data
     if reference is None or data is None or rows.outputs.shape[0] == 0:
         return None, None
-    drift = reports.drift_report(profile, reference, data, window, rows, distributions=False)
+    drift = reports.drift_report(profile, reference, data, window, features, distributions=False)
     performance = None
     if reference.output_type != pb.OUTPUT_TYPE_UNSPECIFIED:
         performance = reports.performance_report(profile, reference.output_type, window, rows)

@@ -138,7 +138,7 @@ class ReferenceData:
         categorical feature ``PREDICTION_FEATURE``, prepared and kept."""
         prepared = self._prepared.get(PREDICTION_FEATURE)
         if prepared is None:
-            classes = predicted_classes(self.outputs).astype(np.str_)
+            classes = predicted_class_names(self.outputs)
             schema = [drift.FeatureSpec(PREDICTION_FEATURE, drift.FeatureType.CATEGORICAL)]
             prepared = self._prepared[PREDICTION_FEATURE] = drift.PreparedReference(
                 schema, [classes]
@@ -178,6 +178,15 @@ def predicted_classes(outputs: npt.NDArray[np.float64]) -> npt.NDArray[np.int64]
     else:
         classes = np.argmax(outputs, axis=1).astype(np.int64)
     return classes
+
+
+def predicted_class_names(outputs: npt.NDArray[np.float64]) -> npt.NDArray[np.str_]:
+    """:func:`predicted_classes` as category names (``"0"``, ``"1"``, ...), the
+    prediction drift's categorical values."""
+    classes = predicted_classes(outputs)
+    # Indexing a few names: ``astype(str)`` formats each of a million rows.
+    names: npt.NDArray[np.str_] = np.arange(classes_of(outputs.shape[1])).astype(np.str_)[classes]
+    return names
 
 
 def classes_of(output_columns: int) -> int:

@@ -19,9 +19,7 @@ from conveyor.monitor.v1 import resources_pb2 as pb
 from conveyor.services.monitor import drift, performance
 from conveyor.services.monitor.ingest import VersionProfile
 from conveyor.services.monitor.packed_windows import FeatureRows
-from conveyor.services.monitor.references import PREDICTION_FEATURE as PREDICTION_FEATURE
-from conveyor.services.monitor.references import ReferenceData
-from conveyor.services.monitor.references import predicted_classes as predicted_classes
+from conveyor.services.monitor.references import ReferenceData, predicted_class_names
 from conveyor.services.monitor.statistics import DistributionComparison, MultipleTestingCorrection
 from conveyor.services.monitor.store import WindowRows
 
@@ -47,10 +45,16 @@ def drift_report(
         overrides.update({name: drift.DriftTestSpec(drift.DriftTest.NONE) for name in dropped})
         config = replace(config, feature_tests=overrides)
     drift_schema = schema.drift_schema()
-    # One transpose into contiguous columns: sorting and scanning strided views costs more.
+    # One transpose into contiguous columns (none for sorted packed columns,
+    # already column-major): sorting and scanning strided views costs more.
     current = [*np.ascontiguousarray(rows.numerical.T), *rows.categorical.T]
     result = drift.drift_report(
-        drift_schema, data.prepared(drift_schema), current, config, distributions=distributions
+        drift_schema,
+        data.prepared(drift_schema),
+        current,
+        config,
+        distributions=distributions,
+        current_sorted=rows.sorted_columns,
     )
     by_name = {feature.feature: feature for feature in result.features}
     report = pb.DriftReport(
@@ -90,7 +94,7 @@ def _prediction_drift(
     result = drift.drift_report(
         reference.schema,
         reference,
-        [predicted_classes(rows.outputs).astype(np.str_)],
+        [predicted_class_names(rows.outputs)],
         config,
         distributions=distributions,
     )

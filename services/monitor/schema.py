@@ -96,19 +96,17 @@ windows = Table(
 packed_windows = Table(
     "packed_windows",
     metadata,
-    # A closed window's successful rows as columns, in chunks of whole rows:
-    # a drift report reads a million rows here in a fraction of a second,
-    # against seconds row by row. Derived from ``predictions``: dropped when
-    # an erasure or the retention removes rows of the window.
+    # A closed window's successful rows as columns (packed_windows.py): each
+    # numerical column sorted, the categories and outputs in runs of rows.
+    # Derived from ``predictions``: dropped when an erasure or the retention
+    # removes rows of the window.
     Column("model_version", String(NAME), primary_key=True),
     Column("window_index", BigInteger, primary_key=True),
+    Column("part", Integer, primary_key=True),
     Column("chunk", Integer, primary_key=True),
-    Column("row_count", Integer, nullable=False),
-    Column("numerical", LargeBinary, nullable=False),
-    # A JSON list of rows of category values; NULL without categorical features.
-    Column("categorical", Text, nullable=True),
-    Column("outputs", LargeBinary, nullable=False),
-    Column("output_columns", Integer, nullable=False),
+    Column("row_count", BigInteger, nullable=False),
+    Column("columns", Integer, nullable=False),
+    Column("data", LargeBinary, nullable=False),
 )
 
 references = Table(

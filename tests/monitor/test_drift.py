@@ -608,6 +608,46 @@ def test_a_prepared_reference_gives_the_raw_columns_results(
             assert cached == raw
 
 
+@pytest.mark.parametrize("test", [t for t in DriftTest if t in drift.NUMERICAL_TESTS])
+def test_a_window_of_sorted_columns_gives_the_unsorted_windows_results(
+    test: DriftTest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rng = np.random.default_rng(17)
+    schema, reference, current = mixed_reference_and_window(rng, 3000, 2500)
+    presorted = [np.sort(column) if column.dtype.kind == "f" else column for column in current]
+    prepared = drift.PreparedReference(schema, reference)
+    expected = {
+        distributions: drift_report(
+            schema,
+            prepared,
+            current,
+            DriftConfig(numerical_test=DriftTestSpec(test), psi_bins=7),
+            distributions=distributions,
+        )
+        for distributions in (False, True)
+    }
+    sorts: list[int] = []
+    real_sort = np.sort
+
+    def counting_sort(values: npt.NDArray[Any]) -> npt.NDArray[Any]:
+        sorts.append(values.size)
+        return real_sort(values)
+
+    monkeypatch.setattr(drift.np, "sort", counting_sort)
+    for distributions in (False, True):
+        found = drift_report(
+            schema,
+            prepared,
+            presorted,
+            DriftConfig(numerical_test=DriftTestSpec(test), psi_bins=7),
+            distributions=distributions,
+            current_sorted=True,
+        )
+        assert found == expected[distributions]
+    if test is not DriftTest.KOLMOGOROV_SMIRNOV:  # SciPy's ks_2samp sorts its own inputs
+        assert sorts == []  # the window is never sorted again
+
+
 def test_the_to_reference_statistics_are_the_sorted_ones_bit_for_bit() -> None:
     rng = np.random.default_rng(11)
     for reference_rows, current_rows in ((50_000, 700), (700, 50_000), (30_000, 30_000)):

@@ -3,6 +3,7 @@ the schema the code expects, and the prediction log works the same on both."""
 
 from __future__ import annotations
 
+import gc
 import json
 import time
 from collections.abc import Iterator
@@ -19,6 +20,7 @@ from sqlalchemy import func, inspect, select
 from conveyor.monitor.v1 import monitor_messages_pb2 as rpc
 from conveyor.monitor.v1 import resources_pb2 as pb
 from conveyor.services.monitor import packed_windows, schema
+from conveyor.services.monitor import store as store_module
 from conveyor.services.monitor.config import WindowSize
 from conveyor.services.monitor.ingest import PreparedRows
 from conveyor.services.monitor.migrate import VERSION_TABLE, upgrade_to_head
@@ -148,15 +150,16 @@ def test_closed_windows_are_packed_in_chunks_and_dropped_when_rows_leave(
     assert result.closed_windows == [(version, 0)]
     rows = store.window_rows(version, index=0, numerical_columns=3, categorical_columns=1)
 
-    # 7 rows of 3 features and 2 outputs per chunk: 49 successful rows in 7 chunks.
-    monkeypatch.setattr(packed_windows, "CHUNK_BYTES", 7 * 5 * 8)
+    # 400 bytes a chunk: one column of 49 values, 25 rows of 2 outputs or
+    # 50 rows of categories: 3 + 2 + 1 chunks.
+    monkeypatch.setattr(packed_windows, "CHUNK_BYTES", 400)
     assert packed_windows.put(engine, version, 0, rows, stored_rows=50)
     assert not packed_windows.put(engine, version, 0, rows, stored_rows=51)  # rows changed
     with engine.connect() as connection:
         chunks = connection.execute(
             select(func.count()).select_from(schema.packed_windows)
         ).scalar_one()
-    assert chunks == 7
+    assert chunks == 6
 
     def packed_window(index: int) -> packed_windows.FeatureRows | None:
         return packed_windows.get(
@@ -165,12 +168,11 @@ def test_closed_windows_are_packed_in_chunks_and_dropped_when_rows_leave(
 
     packed = packed_window(0)
     assert packed is not None
-    np.testing.assert_array_equal(packed.numerical, numerical[:49])
+    assert packed.sorted_columns
+    np.testing.assert_array_equal(packed.numerical, np.sort(numerical[:49], axis=0))
     np.testing.assert_array_equal(packed.categorical[:, 0], categories[:49])
     np.testing.assert_array_equal(packed.outputs[:, 1], 0.75 + np.arange(49))
-    assert (
-        packed_windows.get(engine, version, 1, numerical_columns=3, categorical_columns=1) is None
-    )
+    assert packed_window(1) is None
 
     # An erasure takes rows out of the window: its packed copy goes with them.
     assert store.erase_subject("subject-hash", None) == (1, 0)
@@ -186,3 +188,21 @@ def test_closed_windows_are_packed_in_chunks_and_dropped_when_rows_leave(
         packed_windows.get(engine, version, 0, numerical_columns=3, categorical_columns=1) is None
     )
     engine.dispose()
+
+
+def test_bulk_reads_pause_the_collector_and_leave_it_as_they_found_it() -> None:
+    pause = store_module._CollectorPause()
+    assert gc.isenabled()
+    with pause():
+        assert not gc.isenabled()
+        with pause():  # a second reader, e.g. on another thread
+            assert not gc.isenabled()
+        assert not gc.isenabled()  # the first still reads
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with pause():
+            assert not gc.isenabled()
+        assert not gc.isenabled()  # it was off before: stays off
+    finally:
+        gc.enable()

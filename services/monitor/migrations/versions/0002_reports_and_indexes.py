@@ -30,13 +30,12 @@ def upgrade() -> None:
         "packed_windows",
         sa.Column("model_version", sa.String(length=200), nullable=False),
         sa.Column("window_index", sa.BigInteger(), nullable=False),
+        sa.Column("part", sa.Integer(), nullable=False),
         sa.Column("chunk", sa.Integer(), nullable=False),
-        sa.Column("row_count", sa.Integer(), nullable=False),
-        sa.Column("numerical", sa.LargeBinary(), nullable=False),
-        sa.Column("categorical", sa.Text(), nullable=True),
-        sa.Column("outputs", sa.LargeBinary(), nullable=False),
-        sa.Column("output_columns", sa.Integer(), nullable=False),
-        sa.PrimaryKeyConstraint("model_version", "window_index", "chunk"),
+        sa.Column("row_count", sa.BigInteger(), nullable=False),
+        sa.Column("columns", sa.Integer(), nullable=False),
+        sa.Column("data", sa.LargeBinary(), nullable=False),
+        sa.PrimaryKeyConstraint("model_version", "window_index", "part", "chunk"),
     )
     op.drop_index("predictions_by_time", table_name="predictions")
     op.drop_index("predictions_by_subject", table_name="predictions")
