@@ -509,32 +509,25 @@ class MonitorStore:
     ) -> None:
         """Keep a closed window's report, computed under the settings (config
         and reference) of ``settings_time_us``."""
-        table = schema.reports
-        key = {"model_version": model_version, "window_index": index, "kind": kind}
-        with write_transaction(self.engine) as connection:
-            connection.execute(delete(table).where(*(table.c[k] == v for k, v in key.items())))
-            connection.execute(
-                insert(table).values(
-                    **key, body=report.SerializeToString(), settings_time_us=settings_time_us
-                )
-            )
+        self._put_body(
+            schema.reports,
+            {"model_version": model_version, "window_index": index, "kind": kind},
+            report,
+            settings_time_us=settings_time_us,
+        )
 
     def report(
         self, model_version: str, index: int, kind: str, *, settings_time_us: int
     ) -> bytes | None:
         """The window's stored report, if it was computed under the settings of
         ``settings_time_us`` (a report computed under older ones is stale)."""
-        table = schema.reports
-        with read_transaction(self.engine) as connection:
-            body: bytes | None = connection.execute(
-                select(table.c.body).where(
-                    table.c.model_version == model_version,
-                    table.c.window_index == index,
-                    table.c.kind == kind,
-                    table.c.settings_time_us == settings_time_us,
-                )
-            ).scalar()
-        return body
+        return self._body(
+            schema.reports,
+            model_version=model_version,
+            window_index=index,
+            kind=kind,
+            settings_time_us=settings_time_us,
+        )
 
     def put_canary_analysis(self, model: str, analysis: pb.CanaryAnalysis) -> None:
         self._put_body(schema.canary_analyses, {"model": model}, analysis)
@@ -553,11 +546,13 @@ class MonitorStore:
             ).scalar()
         return None if outputs is None else len(outputs) // 8
 
-    def _put_body(self, table: Any, key: dict[str, Any], message: Any) -> None:
+    def _put_body(self, table: Any, key: dict[str, Any], message: Any, **columns: Any) -> None:
         where = [table.c[name] == value for name, value in key.items()]
         with write_transaction(self.engine) as connection:
             connection.execute(delete(table).where(*where))
-            connection.execute(insert(table).values(**key, body=message.SerializeToString()))
+            connection.execute(
+                insert(table).values(**key, body=message.SerializeToString(), **columns)
+            )
 
     def _body(self, table: Any, **key: Any) -> bytes | None:
         where = [table.c[name] == value for name, value in key.items()]
