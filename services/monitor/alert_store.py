@@ -9,6 +9,7 @@ that writes, so a concurrent call cannot slip between check and write.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Final
@@ -273,6 +274,32 @@ class AlertStore:
             first: int | None = connection.execute(select(func.min(events.c.sequence))).scalar()
         return first
 
+    def purge_events(self, cutoff_us: int) -> int:
+        """Delete the oldest events, those recorded before ``cutoff_us``, up to
+        (not including) the latest event of any open alert: what is kept is
+        always every event after the first kept one (``first_sequence`` tells a
+        resuming watch whether it missed some) and each open alert's latest
+        event (its snapshot's sequence)."""
+        open_latest = (
+            select(func.max(events.c.sequence))
+            .where(events.c.alert_id == alerts.c.alert_id)
+            .scalar_subquery()
+        )
+        with write_transaction(self.engine) as connection:
+            old = connection.execute(
+                select(func.max(events.c.sequence)).where(events.c.time_us < cutoff_us)
+            ).scalar()
+            if old is None:
+                return 0
+            oldest_open = connection.execute(
+                select(func.min(open_latest)).where(alerts.c.state.in_(OPEN_STATES))
+            ).scalar()
+            last = old if oldest_open is None else min(old, oldest_open - 1)
+            deleted: int = connection.execute(
+                delete(events).where(events.c.sequence <= last)
+            ).rowcount
+        return deleted
+
     # -- shared ---------------------------------------------------------------------------
 
     def _create(
@@ -365,7 +392,10 @@ def _record_in(connection: Connection, changes: Sequence[Change]) -> list[AlertE
         _put_alert(connection, alert)
         result = connection.execute(
             insert(events).values(
-                event_type=event_type, alert_id=_id(alert.name), body=alert.SerializeToString()
+                event_type=event_type,
+                alert_id=_id(alert.name),
+                body=alert.SerializeToString(),
+                time_us=time.time_ns() // 1000,
             )
         )
         sequence = int(result.inserted_primary_key[0])  # type: ignore[index]

@@ -6,8 +6,9 @@ for later is served from there), its features packed as columns (a report
 computed later reads those, :mod:`.packed_windows`), exported to
 Prometheus, and handed to the listeners (alert rules, canary analysis). The
 tick closes time windows whose end has passed and purges rows past their
-model's retention. Work runs in one background task, in order, so a burst of
-closed windows queues here instead of slowing ingest.
+model's retention (and alert events past theirs). Work runs in one
+background task, in order, so a burst of closed windows queues here instead
+of slowing ingest.
 """
 
 from __future__ import annotations
@@ -53,6 +54,8 @@ class WindowEvaluator:
         listeners: list[FindingsListener],
         tick_interval: timedelta,
         purge_interval: timedelta,
+        purge_alert_events: Callable[[int], int],
+        alert_event_retention: timedelta,
     ) -> None:
         self._store = store
         self._profiles = profiles
@@ -62,6 +65,8 @@ class WindowEvaluator:
         self._listeners = listeners
         self._tick_s = tick_interval.total_seconds()
         self._purge_s = purge_interval.total_seconds()
+        self._purge_alert_events = purge_alert_events
+        self._alert_event_retention_us = int(alert_event_retention.total_seconds() * 1_000_000)
         self._queue: asyncio.Queue[tuple[str, int]] = asyncio.Queue(MAX_QUEUED)
         self._tasks: list[asyncio.Task[None]] = []
         self.evaluated = 0
@@ -190,7 +195,8 @@ class WindowEvaluator:
                 logger.exception("the evaluation tick failed")
 
     async def purge(self, now_us: int) -> int:
-        """Delete rows older than each model's retention."""
+        """Delete rows older than each model's retention, and alert events
+        older than theirs; returns the prediction rows deleted."""
         stored = await self._workers.run(self._store.configs)
         retention = {
             c.name.removesuffix("/monitoringConfig"): configs.resolve(c).privacy.retention
@@ -201,6 +207,11 @@ class WindowEvaluator:
         )
         if deleted:
             logger.info("purged %d prediction rows past their retention", deleted)
+        events = await self._workers.run(
+            self._purge_alert_events, now_us - self._alert_event_retention_us
+        )
+        if events:
+            logger.info("purged %d alert events past their retention", events)
         return deleted
 
 

@@ -189,6 +189,8 @@ alert_events = Table(
     Column("event_type", Integer, nullable=False),
     Column("alert_id", String(63), nullable=False),
     Column("body", LargeBinary, nullable=False),
+    # When it was recorded (retention); NULL for events recorded before 0002.
+    Column("time_us", BigInteger, nullable=True),
     # A watch's snapshot reads each open alert's latest event.
     Index("alert_events_by_alert", "alert_id", "sequence"),
 )

@@ -145,6 +145,8 @@ async def build_monitor(
         listeners=[engine.on_window, analyst.on_window],
         tick_interval=settings.evaluation_interval,
         purge_interval=settings.purge_interval,
+        purge_alert_events=alert_store.purge_events,
+        alert_event_retention=settings.alert_event_retention,
     )
     ingestor = Ingestor(
         store,

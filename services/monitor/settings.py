@@ -59,11 +59,23 @@ class MonitorSettings(ServiceSettings):
     purge_interval: timedelta = timedelta(hours=1)
     """How often rows older than each model's retention are deleted."""
 
+    alert_event_retention: timedelta = timedelta(days=30)
+    """How long alert events are kept for ``WatchAlerts`` to replay; a watch
+    resuming from a purged event gets FAILED_PRECONDITION (watch again from
+    0). An open alert's latest event and everything after it is kept."""
+
     worker_threads: int = Field(default=4, ge=1, le=64)
     """Threads running database work and statistics; also the database pool's size."""
 
     metrics_listen: str = DEFAULT_METRICS_LISTEN
     """``host:port`` of the Prometheus ``/metrics`` endpoint; empty: none."""
+
+    @field_validator("alert_event_retention")
+    @classmethod
+    def _check_alert_event_retention(cls, value: timedelta) -> timedelta:
+        if value < timedelta(hours=1):
+            raise ValueError("alert_event_retention must be at least one hour")
+        return value
 
     @field_validator("metrics_listen")
     @classmethod

@@ -8,6 +8,7 @@ registry's alias back."""
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import grpc
@@ -437,6 +438,50 @@ async def test_watching_alerts(suite: Suite) -> None:
             suite.monitor.WatchAlerts(request, timeout=10).read(),
             grpc.StatusCode.INVALID_ARGUMENT,
         )
+
+
+async def test_old_alert_events_are_purged_up_to_the_latest_of_an_open_alert(
+    suite: Suite,
+) -> None:
+    windows = await monitored(suite)
+    watch = suite.monitor.WatchAlerts(rpc.WatchAlertsRequest(), timeout=60)  # nothing open yet
+    first_rule = await create_rule(suite, "first", **outliers())
+    await windows.outlying()  # opens the first rule's alert
+    await create_rule(suite, "second", **outliers(0.3))
+    await windows.outlying()  # updates the first alert, opens the second
+    await suite.monitor.DeleteAlertRule(
+        rpc.DeleteAlertRuleRequest(name=first_rule.name), timeout=10
+    )  # resolves the first
+    events = [await next_event(watch) for _ in range(4)]
+    watch.cancel()
+    assert [(e.type, e.alert.alert_rule) for e in events] == [
+        (OPENED, "alertRules/first"),
+        (UPDATED, "alertRules/first"),
+        (OPENED, "alertRules/second"),
+        (RESOLVED_EVENT, "alertRules/first"),
+    ]
+
+    # A month and a day later every event is past the 30 days, but the open
+    # second alert's latest event, and all after it, stay.
+    await suite.parts.evaluator.purge(int((time.time() + 31 * 86_400) * 1e6))
+
+    error = await refused(
+        suite.monitor.WatchAlerts(
+            rpc.WatchAlertsRequest(resume_after_sequence=events[0].sequence), timeout=10
+        ).read(),
+        grpc.StatusCode.FAILED_PRECONDITION,
+    )
+    assert error.reason == "EVENTS_PURGED"
+    resumed = suite.monitor.WatchAlerts(
+        rpc.WatchAlertsRequest(resume_after_sequence=events[1].sequence), timeout=60
+    )
+    replayed = [await next_event(resumed) for _ in range(2)]
+    resumed.cancel()
+    assert [r.sequence for r in replayed] == [events[2].sequence, events[3].sequence]
+    snapshot = suite.monitor.WatchAlerts(rpc.WatchAlertsRequest(), timeout=60)
+    existing = await next_event(snapshot)
+    snapshot.cancel()
+    assert (existing.type, existing.sequence) == (EXISTING, events[2].sequence)
 
 
 async def test_a_watch_ends_with_unavailable_when_the_server_stops(suite: Suite) -> None:

@@ -1,6 +1,7 @@
 """Stored reports remember the settings they were computed under (so that a
 closed window's drift report can be served back while they are current);
-closed windows' features packed as columns (``packed_windows``); and the
+closed windows' features packed as columns (``packed_windows``); alert events
+remember when they were recorded (their retention); and the
 prediction log keeps fewer index entries per row (ingest cost): the subject
 index holds only rows with a subject, and time ranges of a version use the
 model's time index.
@@ -37,6 +38,8 @@ def upgrade() -> None:
         sa.Column("data", sa.LargeBinary(), nullable=False),
         sa.PrimaryKeyConstraint("model_version", "window_index", "part", "chunk"),
     )
+    with op.batch_alter_table("alert_events", schema=None) as batch_op:
+        batch_op.add_column(sa.Column("time_us", sa.BigInteger(), nullable=True))
     op.drop_index("predictions_by_time", table_name="predictions")
     op.drop_index("predictions_by_subject", table_name="predictions")
     op.create_index(
@@ -52,6 +55,8 @@ def downgrade() -> None:
     op.drop_index("predictions_by_subject", table_name="predictions")
     op.create_index("predictions_by_subject", "predictions", ["subject_hash"])
     op.create_index("predictions_by_time", "predictions", ["model_version", "time_us"])
+    with op.batch_alter_table("alert_events", schema=None) as batch_op:
+        batch_op.drop_column("time_us")
     op.drop_table("packed_windows")
     with op.batch_alter_table("reports", schema=None) as batch_op:
         batch_op.drop_column("settings_time_us")
