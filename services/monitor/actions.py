@@ -41,7 +41,8 @@ import numpy.typing as npt
 from conveyor.monitor.v1 import resources_pb2 as pb
 from conveyor.services.monitor.profiles import VersionProfiles, model_of
 from conveyor.services.monitor.references import FeatureSchema, ReferenceData
-from conveyor.services.monitor.store import MonitorStore, WindowRows
+from conveyor.services.monitor.store import MonitorStore
+from conveyor.services.monitor.window_rows import WindowRows
 from conveyor.shared.errors import (
     AbortedError,
     AlreadyExistsError,

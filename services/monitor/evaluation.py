@@ -29,7 +29,8 @@ from conveyor.services.monitor.ingest import VersionProfile
 from conveyor.services.monitor.metrics import MonitorMetrics
 from conveyor.services.monitor.packed_windows import FeatureRows
 from conveyor.services.monitor.profiles import VersionProfiles
-from conveyor.services.monitor.store import MonitorStore, WindowRows
+from conveyor.services.monitor.store import MonitorStore
+from conveyor.services.monitor.window_rows import WindowRows
 from conveyor.shared.errors import ConveyorError
 from conveyor.shared.workers import WorkerThreads
 

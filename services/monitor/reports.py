@@ -21,7 +21,7 @@ from conveyor.services.monitor.ingest import VersionProfile
 from conveyor.services.monitor.packed_windows import FeatureRows
 from conveyor.services.monitor.references import ReferenceData, predicted_class_names
 from conveyor.services.monitor.statistics import DistributionComparison, MultipleTestingCorrection
-from conveyor.services.monitor.store import WindowRows
+from conveyor.services.monitor.window_rows import WindowRows
 
 _PERCENTILES: Final = (50.0, 90.0, 95.0, 99.0)
 

@@ -32,7 +32,9 @@ from conveyor.services.monitor.profiles import (
     require_reference,
 )
 from conveyor.services.monitor.references import FeatureSchema, check_schema, from_rows
-from conveyor.services.monitor.store import MonitorStore, StoredWindow, WindowRows
+from conveyor.services.monitor.store import MonitorStore
+from conveyor.services.monitor.window_rows import WindowRows
+from conveyor.services.monitor.windows import StoredWindow
 from conveyor.shared import names, pagination
 from conveyor.shared.auth.principal import current_decision_id
 from conveyor.shared.errors import (

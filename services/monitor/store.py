@@ -10,27 +10,28 @@ rescans history: a report reads one window's rows through its index.
 
 from __future__ import annotations
 
-import gc
-import json
-import threading
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
-from itertools import compress
 from operator import itemgetter
 from typing import Any, Final
 
-import numpy as np
-import numpy.typing as npt
 from sqlalchemy import and_, delete, func, insert, select, tuple_, update
-from sqlalchemy.engine import Connection, Engine, Row
+from sqlalchemy.engine import Connection, Engine
 
 from conveyor.monitor.v1 import resources_pb2 as pb
 from conveyor.services.monitor import packed_windows, schema
 from conveyor.services.monitor.config import WindowSize
 from conveyor.services.monitor.ingest import PreparedRows
-from conveyor.services.monitor.packed_windows import FeatureRows
+from conveyor.services.monitor.window_rows import WindowRows, bulk_read, rows_to_columns
+from conveyor.services.monitor.windows import (
+    StoredWindow,
+    is_full,
+    micros,
+    new_window,
+    open_window,
+    stored_window,
+)
 from conveyor.shared.storage import read_transaction, write_transaction
 
 _IN_CHUNK: Final = 500
@@ -42,27 +43,6 @@ windows = schema.windows
 
 
 @dataclass(frozen=True)
-class StoredWindow:
-    """A window's aggregates."""
-
-    model_version: str
-    index: int
-    start_us: int
-    end_us: int
-    deadline_us: int | None
-    row_count: int
-    error_count: int
-    outlier_count: int
-    closed: bool
-
-    def to_proto(self) -> pb.Window:
-        window = pb.Window(index=self.index, row_count=self.row_count, closed=self.closed)
-        window.start_time.FromMicroseconds(self.start_us)
-        window.end_time.FromMicroseconds(self.end_us)
-        return window
-
-
-@dataclass(frozen=True)
 class IngestResult:
     accepted: int
     duplicates: int
@@ -70,22 +50,6 @@ class IngestResult:
     """(model version, window index) of every window the call closed."""
     by_version: dict[str, tuple[int, int]]
     """Accepted and duplicate records per version."""
-
-
-@dataclass(frozen=True, eq=False)
-class WindowRows(FeatureRows):
-    """A window's (or time range's) stored rows as columns."""
-
-    labels: npt.NDArray[np.int64]
-    """Per successful row, -1 where no label arrived."""
-    status_codes: npt.NDArray[np.int32]
-    """Every row."""
-    latencies_s: npt.NDArray[np.float64]
-    """Every row."""
-    outliers: npt.NDArray[np.bool_]
-    """Per successful row."""
-    times_us: npt.NDArray[np.int64]
-    """Every row."""
 
 
 @dataclass(frozen=True)
@@ -177,17 +141,17 @@ class MonitorStore:
                     windows.c.model_version == model_version
                 )
             ).scalar()
-            current = _new_window(model_version, -1 if last is None else last, rows[0], size)
+            current = new_window(model_version, -1 if last is None else last, rows[0], size)
             is_new = True
         else:
-            current = _from_row(open_row)
+            current = open_window(open_row)
             is_new = False
         closed: list[tuple[str, int]] = []
         for row in rows:
-            if _full(current, size, row["time_us"]):
+            if is_full(current, size, row["time_us"]):
                 self._save_window(connection, current, is_new, closed_at=now_us)
                 closed.append((model_version, current["window_index"]))
-                current = _new_window(model_version, current["window_index"], row, size, current)
+                current = new_window(model_version, current["window_index"], row, size, current)
                 is_new = True
             row["window_index"] = current["window_index"]
             current["row_count"] += 1
@@ -320,7 +284,7 @@ class MonitorStore:
                     windows.c.model_version == model_version, windows.c.window_index == index
                 )
             ).first()
-        return None if row is None else _stored(row)
+        return None if row is None else stored_window(row)
 
     def latest_window(self, model_version: str, *, closed: bool) -> StoredWindow | None:
         with read_transaction(self.engine) as connection:
@@ -330,7 +294,7 @@ class MonitorStore:
                 .order_by(windows.c.window_index.desc())
                 .limit(1)
             ).first()
-        return None if row is None else _stored(row)
+        return None if row is None else stored_window(row)
 
     def window_rows(
         self,
@@ -369,11 +333,11 @@ class MonitorStore:
             )
         if not include_shadow:
             where.append(predictions.c.shadow.is_(False))
-        with _collector_paused(), read_transaction(self.engine) as connection:
+        with bulk_read(), read_transaction(self.engine) as connection:
             # The driver's tuples: for a million rows SQLAlchemy's Row objects
             # cost more than the fetch itself.
             rows = connection.execute(select(*columns).where(and_(*where))).cursor.fetchall()
-            return _columns(
+            return rows_to_columns(
                 rows,
                 numerical_columns if read_numerical else None,
                 categorical_columns if read_categorical else None,
@@ -432,7 +396,7 @@ class MonitorStore:
                 connection.execute(select(schema.feedback.c.model).distinct()).scalars().all()
             )
             for model in sorted(set(models) | set(feedback_models)):
-                cutoff = now_us - _micros(retention_by_model.get(model, default))
+                cutoff = now_us - micros(retention_by_model.get(model, default))
                 packed_windows.drop_started_before(connection, model, cutoff)
                 deleted += connection.execute(
                     delete(predictions).where(
@@ -565,35 +529,6 @@ _PREDICTION_COLUMNS: Final = tuple(column.name for column in predictions.columns
 _prediction_values = itemgetter(*_PREDICTION_COLUMNS)
 
 
-class _CollectorPause:
-    """Pauses Python's cyclic garbage collector while any thread reads rows in
-    bulk: a million rows are millions of tuples that cannot form cycles, and
-    the collector rescanned them again and again (a third of the read)."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._readers = 0
-        self._resume = False
-
-    @contextmanager
-    def __call__(self) -> Iterator[None]:
-        with self._lock:
-            if self._readers == 0:
-                self._resume = gc.isenabled()
-                gc.disable()
-            self._readers += 1
-        try:
-            yield
-        finally:
-            with self._lock:
-                self._readers -= 1
-                if self._readers == 0 and self._resume:
-                    gc.enable()
-
-
-_collector_paused = _CollectorPause()
-
-
 def _insert_predictions(connection: Connection, rows: list[dict[str, Any]]) -> None:
     """Insert through the driver with tuples: SQLAlchemy's per-row parameter
     handling cost more than SQLite's own insert."""
@@ -617,119 +552,3 @@ def _driver_sql(connection: Connection, statement: str) -> str:
 
 def _markers(count: int) -> str:
     return ", ".join(["?"] * count)
-
-
-def _micros(duration: timedelta) -> int:
-    return int(duration.total_seconds() * _US)
-
-
-def _new_window(
-    model_version: str,
-    previous_index: int,
-    first: dict[str, Any],
-    size: WindowSize,
-    previous: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    start = first["time_us"]
-    deadline = None
-    if size.duration is not None:
-        span = _micros(size.duration)
-        if previous is not None and previous["deadline_us"] is not None:
-            # Tumbling: the next window starts where the last one ended, skipping
-            # spans without predictions.
-            base = previous["deadline_us"]
-            start = base + max(0, (first["time_us"] - base) // span) * span
-        deadline = start + span
-    return {
-        "model_version": model_version,
-        "window_index": previous_index + 1,
-        "start_us": first["time_us"],
-        "end_us": first["time_us"],
-        "deadline_us": deadline,
-        "row_count": 0,
-        "error_count": 0,
-        "outlier_count": 0,
-    }
-
-
-def _full(window: dict[str, Any], size: WindowSize, time_us: int) -> bool:
-    if size.rows is not None:
-        return bool(window["row_count"] >= size.rows)
-    if window["deadline_us"] is None and size.duration is not None:
-        # A count window left open when the config switched to time windows.
-        window["deadline_us"] = window["start_us"] + _micros(size.duration)
-    return window["deadline_us"] is not None and time_us >= window["deadline_us"]
-
-
-def _from_row(row: Row[Any]) -> dict[str, Any]:
-    return {
-        "model_version": row.model_version,
-        "window_index": row.window_index,
-        "start_us": row.start_us,
-        "end_us": row.end_us,
-        "deadline_us": row.deadline_us,
-        "row_count": row.row_count,
-        "error_count": row.error_count,
-        "outlier_count": row.outlier_count,
-    }
-
-
-def _stored(row: Row[Any]) -> StoredWindow:
-    return StoredWindow(
-        model_version=row.model_version,
-        index=row.window_index,
-        start_us=row.start_us,
-        end_us=row.end_us,
-        deadline_us=row.deadline_us,
-        row_count=row.row_count,
-        error_count=row.error_count,
-        outlier_count=row.outlier_count,
-        closed=row.closed,
-    )
-
-
-def _columns(rows: Sequence[Any], n_num: int | None, n_cat: int | None) -> WindowRows:
-    """Driver rows (status, latency, time, outputs, label, outlier[, numerical]
-    [, categorical]) as columns; a feature kind not read (None) comes back with
-    no columns."""
-    count = len(rows)
-    if count == 0:
-        return WindowRows(
-            np.empty((0, n_num or 0)),
-            np.empty((0, n_cat or 0), dtype=np.str_),
-            np.empty((0, 0)),
-            np.empty(0, dtype=np.int64),
-            np.empty(0, dtype=np.int32),
-            np.empty(0),
-            np.empty(0, dtype=np.bool_),
-            np.empty(0, dtype=np.int64),
-        )
-    by_column = list(zip(*rows, strict=True))
-    status = np.array(by_column[0], dtype=np.int32)
-    latencies = np.array(by_column[1], dtype=np.float64) / _US
-    times = np.array(by_column[2], dtype=np.int64)
-    ok = status == 0
-    successes = int(np.count_nonzero(ok))
-
-    def successful(column: int) -> Sequence[Any]:
-        values: Sequence[Any] = by_column[column]
-        return values if successes == count else list(compress(values, ok.tolist()))
-
-    outputs_bytes = successful(3)
-    width = len(outputs_bytes[0]) // 8 if successes else 0
-    outputs = np.frombuffer(b"".join(outputs_bytes), dtype=np.float64).reshape(successes, width)
-    labels = np.array(successful(4), dtype=np.int64)
-    outliers = np.array(successful(5), dtype=np.bool_)
-    numerical = (
-        np.frombuffer(b"".join(successful(6)), dtype=np.float64).reshape(successes, n_num)
-        if n_num
-        else np.empty((successes, 0))
-    )
-    categorical = (
-        np.asarray(
-            [json.loads(text) for text in successful(7 if n_num else 6)], dtype=np.str_
-        ).reshape(successes, n_cat)
-        if n_cat and successes
-        else np.empty((successes, n_cat or 0), dtype=np.str_)
-    )
-    return WindowRows(numerical, categorical, outputs, labels, status, latencies, outliers, times)

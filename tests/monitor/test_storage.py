@@ -19,8 +19,7 @@ from sqlalchemy import func, inspect, select
 
 from conveyor.monitor.v1 import monitor_messages_pb2 as rpc
 from conveyor.monitor.v1 import resources_pb2 as pb
-from conveyor.services.monitor import packed_windows, schema
-from conveyor.services.monitor import store as store_module
+from conveyor.services.monitor import packed_windows, schema, window_rows
 from conveyor.services.monitor.config import WindowSize
 from conveyor.services.monitor.ingest import PreparedRows
 from conveyor.services.monitor.migrate import VERSION_TABLE, upgrade_to_head
@@ -191,7 +190,7 @@ def test_closed_windows_are_packed_in_chunks_and_dropped_when_rows_leave(
 
 
 def test_bulk_reads_pause_the_collector_and_leave_it_as_they_found_it() -> None:
-    pause = store_module._CollectorPause()
+    pause = window_rows.CollectorPause()
     assert gc.isenabled()
     with pause():
         assert not gc.isenabled()
