@@ -13,16 +13,17 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import func, inspect, select
+from sqlalchemy import func, insert, inspect, select
 
 from conveyor.monitor.v1 import monitor_messages_pb2 as rpc
 from conveyor.monitor.v1 import resources_pb2 as pb
 from conveyor.services.monitor import packed_windows, schema, window_rows
 from conveyor.services.monitor.config import WindowSize
 from conveyor.services.monitor.ingest import PreparedRows
-from conveyor.services.monitor.migrate import VERSION_TABLE, upgrade_to_head
+from conveyor.services.monitor.migrate import VERSION_TABLE, alembic_config, upgrade_to_head
 from conveyor.services.monitor.store import MonitorStore
 from conveyor.shared.storage import create_engine
 from conveyor.shared.storage.database import sqlite_url
@@ -205,3 +206,34 @@ def test_bulk_reads_pause_the_collector_and_leave_it_as_they_found_it() -> None:
         assert not gc.isenabled()  # it was off before: stays off
     finally:
         gc.enable()
+
+
+def test_a_database_of_the_first_schema_upgrades_with_its_data(database_url: str) -> None:
+    engine = create_engine(database_url)
+    config = alembic_config()
+    with engine.begin() as connection:
+        config.attributes["connection"] = connection
+        command.upgrade(config, "0001")
+    with engine.begin() as connection:
+        connection.execute(
+            insert(schema.reports).values(
+                model_version="models/churn/versions/1", window_index=0, kind="drift", body=b"r"
+            )
+        )
+        connection.execute(
+            insert(schema.alert_events).values(event_type=1, alert_id="a1", body=b"e")
+        )
+    upgrade_to_head(engine)
+
+    with engine.connect() as connection:
+        differences = compare_metadata(
+            MigrationContext.configure(connection, opts={"version_table": VERSION_TABLE}),
+            schema.metadata,
+        )
+        report = connection.execute(select(schema.reports)).one()
+        event = connection.execute(select(schema.alert_events)).one()
+    engine.dispose()
+    assert differences == []
+    # Kept, and never served as current (no settings time) or purged (no time).
+    assert (report.body, report.settings_time_us) == (b"r", None)
+    assert (event.body, event.time_us) == (b"e", None)
