@@ -152,6 +152,16 @@ def get(
     return FeatureRows(columns.T, categorical, outputs, sorted_columns=True)
 
 
+def has_copy(connection: Connection, model_version: str, index: int) -> bool:
+    """Whether the window has a packed copy (in ``connection``'s transaction)."""
+    found = connection.execute(
+        select(packed.c.chunk)
+        .where(packed.c.model_version == model_version, packed.c.window_index == index)
+        .limit(1)
+    ).first()
+    return found is not None
+
+
 def drop(connection: Connection, windows: Iterable[tuple[str, int]]) -> None:
     """Forget the packed columns of these (model version, window index)."""
     for model_version, index in sorted(set(windows)):

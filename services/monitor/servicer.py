@@ -389,8 +389,9 @@ class MonitorServicer:
         reference, data = require_reference(selected.profile)
         stored = selected.stored
         if stored is not None and stored.closed and not request.include_distributions:
-            # Computed when the window closed; still valid unless the config or
-            # the reference changed since (or an erasure removed rows of it).
+            # Computed when the window closed (or on an earlier request); still
+            # valid unless the config or the reference changed since (or an
+            # erasure removed rows of it).
             body = await self._workers.run(
                 self._store.report,
                 stored.model_version,
@@ -419,6 +420,16 @@ class MonitorServicer:
             features if features is not None else await self._rows(selected),
             distributions=request.include_distributions,
         )
+        if stored is not None and features is not None and not request.include_distributions:
+            # The next request under these settings is answered from storage.
+            await self._workers.run(
+                self._store.keep_computed_report,
+                stored.model_version,
+                stored.index,
+                "drift",
+                report,
+                settings_time_us=selected.profile.settings_time_us,
+            )
         return rpc.GetDriftReportResponse(drift_report=report)
 
     async def GetPerformanceReport(

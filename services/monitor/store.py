@@ -480,6 +480,21 @@ class MonitorStore:
             settings_time_us=settings_time_us,
         )
 
+    def keep_computed_report(
+        self, model_version: str, index: int, kind: str, report: Any, *, settings_time_us: int
+    ) -> bool:
+        """Keep a report computed on request from the closed window's packed
+        copy, as :meth:`put_report` does, unless the copy is gone by now: rows
+        left the window since it was read, and the report still counts them."""
+        key = {"model_version": model_version, "window_index": index, "kind": kind}
+        with write_transaction(self.engine) as connection:
+            if not packed_windows.has_copy(connection, model_version, index):
+                return False
+            _replace_body(
+                connection, schema.reports, key, report, settings_time_us=settings_time_us
+            )
+        return True
+
     def report(
         self, model_version: str, index: int, kind: str, *, settings_time_us: int
     ) -> bytes | None:
@@ -511,18 +526,21 @@ class MonitorStore:
         return None if outputs is None else len(outputs) // 8
 
     def _put_body(self, table: Any, key: dict[str, Any], message: Any, **columns: Any) -> None:
-        where = [table.c[name] == value for name, value in key.items()]
         with write_transaction(self.engine) as connection:
-            connection.execute(delete(table).where(*where))
-            connection.execute(
-                insert(table).values(**key, body=message.SerializeToString(), **columns)
-            )
+            _replace_body(connection, table, key, message, **columns)
 
     def _body(self, table: Any, **key: Any) -> bytes | None:
         where = [table.c[name] == value for name, value in key.items()]
         with read_transaction(self.engine) as connection:
             body: bytes | None = connection.execute(select(table.c.body).where(*where)).scalar()
         return body
+
+
+def _replace_body(
+    connection: Connection, table: Any, key: dict[str, Any], message: Any, **columns: Any
+) -> None:
+    connection.execute(delete(table).where(*(table.c[k] == v for k, v in key.items())))
+    connection.execute(insert(table).values(**key, body=message.SerializeToString(), **columns))
 
 
 _PREDICTION_COLUMNS: Final = tuple(column.name for column in predictions.columns)

@@ -176,17 +176,20 @@ def test_closed_windows_are_packed_in_chunks_and_dropped_when_rows_leave(
 
     # An erasure takes rows out of the window: its packed copy goes with them.
     assert store.erase_subject("subject-hash", None) == (1, 0)
-    assert (
-        packed_windows.get(engine, version, 0, numerical_columns=3, categorical_columns=1) is None
-    )
+    assert packed_window(0) is None
+    # A report computed from the copy before the erasure is not kept after it.
+    computed = pb.DriftReport(model_version=version)
+    assert not store.keep_computed_report(version, 0, "drift", computed, settings_time_us=1)
+    assert store.report(version, 0, "drift", settings_time_us=1) is None
     rows = store.window_rows(version, index=0, numerical_columns=3, categorical_columns=1)
     assert packed_windows.put(engine, version, 0, rows, stored_rows=49)
+    assert store.keep_computed_report(version, 0, "drift", computed, settings_time_us=1)
+    assert store.report(version, 0, "drift", settings_time_us=1) == computed.SerializeToString()
+    assert store.report(version, 0, "drift", settings_time_us=2) is None  # other settings
 
     # So does the retention: the window holds rows older than the cutoff.
     store.purge({"models/churn": timedelta(seconds=1)}, timedelta(days=30), now_us + 10_000_000)
-    assert (
-        packed_windows.get(engine, version, 0, numerical_columns=3, categorical_columns=1) is None
-    )
+    assert packed_window(0) is None
     engine.dispose()
 
 
