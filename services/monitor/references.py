@@ -30,9 +30,9 @@ StrArray = npt.NDArray[np.str_]
 MAX_FEATURES: Final = 10_000
 MAX_NAME_LENGTH: Final = 128
 DECILE_SAMPLE_ROWS: Final = 1_000
+"""Rows interpolated from the deciles when training statistics carry no sample."""
 PREDICTION_FEATURE: Final = "prediction"
 """The name prediction drift reports its predicted classes under."""
-"""Rows interpolated from the deciles when training statistics carry no sample."""
 _FORMAT_VERSION: Final = 1
 
 
