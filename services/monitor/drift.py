@@ -21,7 +21,8 @@ verdict, and is left out of the correction and of the dataset-level count.
 
 A window's numerical column is sorted for KS and Wasserstein, O(n log n) for
 n values, the only super-linear step over the window (see :mod:`.statistics`
-for the rest); binned tests count it unsorted. The reference's side, its sort,
+for the rest), unless it comes sorted (a closed window's packed copy);
+binned tests count it unsorted. The reference's side, its sort,
 categories and bins, is prepared once per reference (:class:`PreparedReference`).
 """
 
