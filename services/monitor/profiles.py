@@ -158,6 +158,16 @@ class VersionProfiles:
         )
 
 
+async def resolve_version(registry: RegistryClient, name: str, *, field: str) -> str:
+    """An exact version name for ``name`` (an alias resolved through the
+    registry); NOT_FOUND when the model, version or alias does not exist."""
+    ref = names.parse_model_version_ref(name, field=field)
+    if ref.version is not None:
+        await registry.version(str(ref))
+        return str(ref)
+    return (await registry.version(str(ref))).name
+
+
 def require_reference(profile: VersionProfile) -> tuple[pb.Reference, ReferenceData]:
     """FAILED_PRECONDITION for a version without a reference."""
     if profile.reference is None or profile.reference_data is None:

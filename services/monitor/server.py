@@ -23,6 +23,7 @@ from conveyor.services.monitor.ingestor import Ingestor
 from conveyor.services.monitor.metrics import MonitorMetrics
 from conveyor.services.monitor.migrate import upgrade_to_head
 from conveyor.services.monitor.profiles import VersionProfiles
+from conveyor.services.monitor.report_servicer import ReportServicer
 from conveyor.services.monitor.servicer import MonitorServicer
 from conveyor.services.monitor.settings import MonitorSettings
 from conveyor.services.monitor.store import MonitorStore
@@ -167,8 +168,8 @@ async def build_monitor(
             ingestor,
             hasher,
             metrics,
-            canary_analysis=analyst.analyse,
         ),
+        ReportServicer(store, profiles, registry, workers, canary_analysis=analyst.analyse),
         AlertServicer(alert_store, engine, registry, workers),
     )
     interceptors = server_auth_interceptors(
