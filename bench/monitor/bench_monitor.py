@@ -1220,55 +1220,34 @@ def bench_report(
     report_details["database_bytes"] = sum(
         p.stat().st_size for p in (services.data_dir / "monitor").glob("monitor.db*")
     )
-    # The config is the one the window closed under: its stored report.
-    times = asyncio.run(
-        drift_reports(
-            services,
-            version,
-            data,
-            rows,
-            0,
-            args.report_runs,
-            report_details,
-            "stored",
-            configure_each=False,
-        )
-    )
-    log(f"GetDriftReport, the stored report: {statistics.median(times):.3f} s")
-    results["report_e2e_stored"] = Metric(
-        f"GetDriftReport over {rows:,} rows, stored at close (automatic)", "s", times
-    )
-    # Each config change makes the stored report stale: computed from the
-    # window's packed columns (then kept: the config is written again before
-    # every timed call).
-    for name, test in TESTS.items():
+    # (name, numerical test, label, options): first under the config the window
+    # closed under (its stored report); then after config changes, computed
+    # from the window's packed columns (the config is written again before
+    # every timed call, or the kept report would answer); then the same rows
+    # named by time range, read row by row (a time range has no packed copy).
+    cases: list[tuple[str, int, str, dict[str, bool]]] = [
+        ("stored", TESTS["auto"], "stored at close (automatic)", {"configure_each": False}),
+        *((name, test, f"{TEST_LABELS[name]}, computed", {}) for name, test in TESTS.items()),
+        ("rows", TESTS["auto"], "automatic, computed from the rows", {"by_time": True}),
+    ]
+    for name, test, label, options in cases:
         times = asyncio.run(
             drift_reports(
-                services, version, data, rows, test, args.report_runs, report_details, name
+                services,
+                version,
+                data,
+                rows,
+                test,
+                args.report_runs,
+                report_details,
+                name,
+                **options,
             )
         )
-        log(f"GetDriftReport {name}: {statistics.median(times):.2f} s")
+        log(f"GetDriftReport {name}: {statistics.median(times):.3f} s")
         results[f"report_e2e_{name}"] = Metric(
-            f"GetDriftReport over {rows:,} rows, {TEST_LABELS[name]}, computed", "s", times
+            f"GetDriftReport over {rows:,} rows, {label}", "s", times
         )
-    # The same rows named by time range: read row by row (no packed copy).
-    times = asyncio.run(
-        drift_reports(
-            services,
-            version,
-            data,
-            rows,
-            TESTS["auto"],
-            args.report_runs,
-            report_details,
-            "rows",
-            by_time=True,
-        )
-    )
-    log(f"GetDriftReport by time range (rows): {statistics.median(times):.2f} s")
-    results["report_e2e_rows"] = Metric(
-        f"GetDriftReport over {rows:,} rows, automatic, computed from the rows", "s", times
-    )
     if args.py_spy:
         # One more computed report (automatic test) under py-spy.
         output = services.data_dir / "report.pyspy.txt"
