@@ -26,6 +26,7 @@ IMPLEMENTED: tuple[str, ...] = (
     "optimizer",
     "inference",
     "monitor",
+    "explainer",
 )
 """Services that have a server, in start-up order (a service starts after the
 services it asks on every call: policy first); later issues add theirs here."""

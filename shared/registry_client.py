@@ -93,6 +93,28 @@ class RegistryClient:
             if not page_token:
                 return None
 
+    async def newest_attachment(
+        self, parent: str, filter_expression: str
+    ) -> registry_pb.Attachment | None:
+        """The newest attachment of version ``parent`` that matches the AIP-160
+        ``filter_expression``, with its content; None when there is none."""
+        try:
+            listed = await self._stub.ListAttachments(
+                registry_rpc.ListAttachmentsRequest(
+                    parent=parent, page_size=1, filter=filter_expression
+                ),
+                timeout=self._timeout,
+            )
+            if not listed.attachments:
+                return None
+            name = listed.attachments[0].name
+            reply = await self._stub.GetAttachment(
+                registry_rpc.GetAttachmentRequest(name=name), timeout=self._timeout
+            )
+        except grpc.aio.AioRpcError as error:
+            raise _failure(error, parent) from None
+        return reply.attachment
+
     async def set_alias(
         self, model: str, alias: str, version: str, *, reason: str, expected_version: str = ""
     ) -> registry_pb.Alias:

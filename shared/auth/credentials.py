@@ -38,7 +38,7 @@ from conveyor.shared.auth.tokens import (
     TokenVerifier,
     ensure_token_keys,
 )
-from conveyor.shared.channel import create_channel
+from conveyor.shared.channel import MIB, create_channel
 from conveyor.shared.ports import SERVICE_PORTS
 from conveyor.shared.secrets.base import SecretStore
 
@@ -127,10 +127,11 @@ def service_channel(
     audience: str,
     services: Iterable[ServiceDescriptor] = (),
     client: ClientSettings | None = None,
+    max_message_bytes: int = 16 * MIB,
 ) -> grpc.aio.Channel:
     """A channel to the peer service ``audience`` at ``target`` on which every call
     carries a token of this service (``service:{settings.service_name}``) for that
-    peer, renewed before it expires.
+    peer, renewed before it expires; messages up to ``max_message_bytes`` each way.
 
     TLS and the default deadline come from ``client`` (default:
     ``ClientSettings()``, that is ``CONVEYOR_TLS_*``). Tokens are sent whatever
@@ -152,6 +153,7 @@ def service_channel(
         default_timeout=client.default_timeout,
         tls=client.tls(),
         token_provider=credentials.token_provider(audience),
+        max_message_bytes=max_message_bytes,
     )
 
 

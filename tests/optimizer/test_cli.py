@@ -35,8 +35,8 @@ from conveyor.services.optimizer.server import build_server as build_optimizer
 from conveyor.services.optimizer.settings import OptimizerSettings
 from conveyor.services.registry.server import build_server as build_registry
 from conveyor.services.registry.settings import RegistrySettings
-from tests.optimizer.conftest import Trained
 from tests.support.registry import create_model, set_alias, upload_requests
+from tests.support.trained import Trained
 
 TEST_TIMEOUT_S = 240
 QUICK = ("--timed-runs", "10", "--warmup-runs", "1", "--latency-tolerance", "1000")

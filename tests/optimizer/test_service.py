@@ -35,8 +35,8 @@ from conveyor.services.registry.settings import RegistrySettings
 from conveyor.shared.errors import FailedPreconditionError, InvalidArgumentError
 from conveyor.shared.health import serving_status
 from conveyor.shared.server import ConveyorServer
-from tests.optimizer.conftest import Trained
 from tests.support.registry import create_model, download, refused, upload_requests
+from tests.support.trained import Trained
 
 TEST_TIMEOUT_S = 300
 QUICK = pb.MeasurementConfig(batch_sizes=[1, 32], warmup_runs=2, timed_runs=20)

@@ -24,9 +24,9 @@ from conveyor.services.optimizer.settings import OptimizerSettings
 from conveyor.shared.auth.principal import Principal
 from conveyor.shared.auth.settings import AuthSettings
 from conveyor.shared.channel import create_channel
-from tests.optimizer.conftest import Trained
 from tests.support.registry import create_model, refused, upload_requests
 from tests.support.suite import ALICE, ERIN, MALLORY, Suite, running_suite
+from tests.support.trained import Trained
 
 if TYPE_CHECKING:
     from conveyor.optimizer.v1.optimizer_service_pb2_grpc import OptimizerServiceAsyncStub

@@ -28,7 +28,7 @@ from conveyor.services.optimizer.techniques import (
 )
 from conveyor.services.trainer.evaluation import classification_metrics
 from conveyor.shared.errors import FailedPreconditionError, InvalidArgumentError
-from tests.optimizer.conftest import Trained
+from tests.support.trained import Trained
 
 QUICK = pb.MeasurementConfig(batch_sizes=[1, 32], warmup_runs=2, timed_runs=20)
 # Timing decides latency checks; the tests judge on accuracy and parity only.
