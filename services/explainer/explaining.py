@@ -129,6 +129,8 @@ class Explainer:
         deadline: float | None,
     ) -> Explained:
         """Explain every instance (rows or ``[H, W, C]`` images, checked)."""
+        if plan.target_index is not None and model.output_width is not None:
+            _check_target(plan.target_index, model.output_width)
         started = time.monotonic()
         count = EvaluationCount()
         max_batch = await self._inference.max_batch_size(model, deadline=deadline)
@@ -358,13 +360,17 @@ def _picture_title(
 
 def _target(plan: ExplanationPlan, outputs: FloatArray) -> int:
     if plan.target_index is not None:
-        if plan.target_index >= len(outputs):
-            raise invalid_field(
-                "config.target_index",
-                f"{plan.target_index} is out of range: the output has {len(outputs)} elements",
-            )
+        _check_target(plan.target_index, len(outputs))
         return plan.target_index
     return int(np.argmax(outputs)) if len(outputs) > 1 else 0
+
+
+def _check_target(target_index: int, width: int) -> None:
+    if target_index >= width:
+        raise invalid_field(
+            "config.target_index",
+            f"{target_index} is out of range: the output has {width} elements",
+        )
 
 
 def _background_rows(background: Any) -> int:

@@ -186,14 +186,15 @@ def instance_field(field: str, index: int) -> str:
 
 
 def tabular_rows(
-    rows: Sequence[pb.TabularRow], model: ExplainedModel, *, field: str
+    rows: Sequence[pb.TabularRow], model: ExplainedModel, *, field: str, item: str = ""
 ) -> list[FloatArray]:
     """Each row as a float64 vector, or INVALID_ARGUMENT for a wrong feature
-    count or a value that is not finite."""
+    count or a value that is not finite (violations name
+    ``{field}[i]{item}.values``)."""
     violations: list[FieldViolation] = []
     vectors: list[FloatArray] = []
     for index, row in enumerate(rows):
-        name = f"{instance_field(field, index)}.values"
+        name = f"{instance_field(field, index)}{item}.values"
         values = np.asarray(row.values, dtype=np.float64)
         if len(values) != model.num_features:
             violations.append(
@@ -211,14 +212,17 @@ def tabular_rows(
     return vectors
 
 
-def images(pictures: Sequence[pb.Image], model: ExplainedModel, *, field: str) -> list[FloatArray]:
+def images(
+    pictures: Sequence[pb.Image], model: ExplainedModel, *, field: str, item: str = ""
+) -> list[FloatArray]:
     """Each image as a float64 ``[H, W, C]`` array, or INVALID_ARGUMENT when its
-    shape, layout or pixels do not fit the model's input."""
+    shape, layout or pixels do not fit the model's input (violations name
+    ``{field}[i]{item}.shape`` and the like)."""
     layout = model.image_layout()
     violations: list[FieldViolation] = []
     arrays: list[FloatArray] = []
     for index, image in enumerate(pictures):
-        name = instance_field(field, index)
+        name = instance_field(field, index) + item
         shape = tuple(int(d) for d in image.shape)
         pixels = np.asarray(image.pixels, dtype=np.float64)
         problem = _image_problem(image, shape, len(pixels))

@@ -227,9 +227,9 @@ class ExplainerServicer(explainer_service_pb2_grpc.ExplainerServiceServicer):
             raise _archived(model)
         data: list[FloatArray]
         if plan.is_tabular:
-            data = tabular_rows([i.row for i in instances], model, field=field)
+            data = tabular_rows([i.row for i in instances], model, field=field, item=".row")
         else:
-            data = images([i.image for i in instances], model, field=field)
+            data = images([i.image for i in instances], model, field=field, item=".image")
         background = await asyncio.to_thread(self._explainer.background, model, plan)
         self._explainer.check_deadline(model, plan, len(data), background)
         with tracer.start_as_current_span("explainer.explain") as span:

@@ -139,6 +139,8 @@ class Suite:
     explainer_server: ConveyorServer
     explainer: Any
     registry: Any
+    channel: grpc.aio.Channel
+    """The channel to the explainer."""
 
     async def serve(self, model_id: str, model: ServedModel, **deployment: Any) -> str:
         """Register ``model`` as ``model_id`` (production alias) and deploy it
@@ -194,6 +196,7 @@ async def running(tmp_path: Path, **settings: Any) -> AsyncIterator[Suite]:
                 explainer_server,
                 explainer_service_pb2_grpc.ExplainerServiceStub(channel),
                 inference.registry,
+                channel,
             )
         finally:
             await channel.close(None)
