@@ -148,7 +148,7 @@ def kernel_shap(
             GLOBAL_RANDOM.release()
     phi = np.asarray(values, dtype=np.float64).reshape(-1)
     return MethodResult(
-        weights=ranked(enumerate(phi.tolist())),
+        weights=ranked(list(enumerate(phi.tolist()))),
         base_value=float(np.ravel(explainer.expected_value)[0]),
     )
 
@@ -216,8 +216,8 @@ def segmenter(
             )
         elif algorithm == pb.SEGMENTATION_ALGORITHM_FELZENSZWALB:
             labels = skimage_segmentation.felzenszwalb(rgb, scale=100, sigma=0.5, min_size=4)
-        else:  # LIME's default quickshift parameters
-            labels = skimage_segmentation.quickshift(
+        else:  # LIME's default quickshift parameters (an unannotated function)
+            labels = skimage_segmentation.quickshift(  # type: ignore[no-untyped-call]
                 rgb, kernel_size=4, max_dist=200, ratio=0.2, rng=seed
             )
         return np.asarray(labels, dtype=np.int64)

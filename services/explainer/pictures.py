@@ -66,7 +66,9 @@ def mask_overlay_png(
         colour = np.asarray(SUPPORTING if weight >= 0 else OPPOSING)
         shown[mask] = (1 - TINT) * shown[mask] + TINT * colour
         chosen |= mask
-    boundaries = find_boundaries(np.where(chosen, segments, -1), mode="inner") & chosen
+    # scikit-image's segmentation functions are unannotated.
+    edges = find_boundaries(np.where(chosen, segments, -1), mode="inner")  # type: ignore[no-untyped-call]
+    boundaries = edges & chosen
     shown[boundaries] = (1.0, 0.85, 0.0)
     figure = Figure(figsize=(6.4, 3.4), dpi=DPI)
     FigureCanvasAgg(figure)

@@ -239,7 +239,7 @@ def images(
             violations.append(
                 FieldViolation(
                     f"{name}.shape",
-                    f"the image is {'x'.join(map(str, hwc.shape))} (heightxwidthxchannels); "
+                    f"the image is {'x'.join(map(str, hwc.shape))} (height x width x channels); "
                     f"{model.version_name} takes {wanted}",
                 )
             )
