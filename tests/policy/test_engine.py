@@ -238,10 +238,13 @@ SERVICE_CALLS = {
         "trainer.CreateTrainingJob",
     },
     "explainer": {
+        "registry.GetModel",
         "registry.GetModelVersion",
-        "registry.DownloadArtifact",
         "registry.CreateAttachment",
+        "registry.ListAttachments",
+        "registry.GetAttachment",
         "inference.ModelMetadata",
+        "inference.ModelConfig",
         "inference.ModelInfer",
     },
     "policy": {
