@@ -11,6 +11,8 @@ import pytest
 import shap
 from lime.lime_image import LimeImageExplainer
 from lime.lime_tabular import LimeTabularExplainer
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind
 
 from conveyor.explainer.v1 import explainer_messages_pb2 as rpc
 from conveyor.explainer.v1 import resources_pb2 as pb
@@ -266,3 +268,41 @@ async def test_only_the_features_that_matter_rank_first(
     ranked = [c.index for c in reply.explanation.contributions]
     assert set(ranked[:2]) == {0, 3}
     assert reply.explanation.target_label == "yes"
+
+
+async def test_one_trace_holds_the_explanation_and_its_model_calls(
+    suite: Suite, mlp_model: ServedModel, spans: InMemorySpanExporter
+) -> None:
+    await suite.serve("cancer", mlp_model)
+    spans.clear()
+    await suite.explainer.ExplainBatch(
+        rpc.ExplainBatchRequest(
+            model="models/cancer",
+            instances=[tabular(r) for r in reference(mlp_model)[:2]],
+            config=pb.ExplanationConfig(
+                method=pb.EXPLANATION_METHOD_LIME_TABULAR, seed=1, num_samples=100
+            ),
+        ),
+        timeout=60,
+    )
+    finished = spans.get_finished_spans()
+    [call] = [
+        s for s in finished if s.name == "/conveyor.explainer.v1.ExplainerService/ExplainBatch"
+    ]
+    [explain] = [s for s in finished if s.name == "explainer.explain"]
+    assert explain.parent is not None
+    assert explain.parent.span_id == call.context.span_id
+    attributes = dict(explain.attributes or {})
+    assert attributes["conveyor.model_version"] == "models/cancer/versions/1"
+    assert attributes["conveyor.explainer.inference_calls"] == 2
+    assert attributes["conveyor.explainer.model_evaluations"] == 202
+    infers = [
+        s
+        for s in finished
+        if s.name == "/inference.GRPCInferenceService/ModelInfer" and s.kind == SpanKind.CLIENT
+    ]
+    assert len(infers) == 2
+    for span in infers:
+        assert span.context.trace_id == call.context.trace_id
+        assert span.parent is not None
+        assert span.parent.span_id == explain.context.span_id
