@@ -24,6 +24,7 @@ from conveyor.services.explainer.methods import MethodResult
 from conveyor.services.explainer.model_spec import ExplainedModel
 from conveyor.services.explainer.requests import ExplanationPlan
 from conveyor.services.explainer.sharing import SharedEvaluations
+from conveyor.shared.deadlines import remaining
 from conveyor.shared.errors import (
     DeadlineExceededError,
     FailedPreconditionError,
@@ -100,8 +101,6 @@ class Explainer:
     ) -> None:
         """DEADLINE_EXCEEDED before any work when what is left of the deadline
         cannot cover the evaluations asked for at this version's measured cost."""
-        from conveyor.shared.deadlines import remaining
-
         left = remaining()
         if left is None:
             return
@@ -151,11 +150,7 @@ class Explainer:
             _Instance(i, d, x, outputs[i], _target(plan, outputs[i]))
             for i, (d, x) in enumerate(zip(data, model_inputs, strict=True))
         ]
-        known = _Known()
-        for instance in instances:
-            known.add(instance.data, instance.outputs)
-        if background_rows is not None:
-            known.add_rows(background_rows, outputs[len(instances) :])
+        background_outputs = outputs[len(instances) :]
         loop = asyncio.get_running_loop()
         shared = SharedEvaluations(
             lambda rows: asyncio.run_coroutine_threadsafe(evaluate(rows), loop).result(),
@@ -173,8 +168,8 @@ class Explainer:
                         plan,
                         instance,
                         shared,
-                        known,
                         background,
+                        background_outputs,
                         include_pictures,
                     )
                     for instance in instances
@@ -194,16 +189,13 @@ class Explainer:
         plan: ExplanationPlan,
         instance: _Instance,
         shared: SharedEvaluations,
-        known: _Known,
         background: Any,
+        background_outputs: FloatArray,
         include_pictures: bool,
     ) -> pb.Explanation:
         evaluated = [0]
 
         def model_rows(rows: FloatArray) -> FloatArray:
-            answer = known.get(rows)
-            if answer is not None:
-                return answer
             evaluated[0] += len(rows)
             batch = rows.reshape(len(rows), *model.instance_shape)
             return shared.evaluate(batch)
@@ -212,7 +204,9 @@ class Explainer:
             return model_rows(np.asarray(rows, dtype=np.float64))[:, instance.target]
 
         try:
-            result = _run_method(model, plan, instance, target_column, model_rows, background)
+            result = _run_method(
+                model, plan, instance, target_column, model_rows, background, background_outputs
+            )
         finally:
             shared.leave()
         return explanation_message(
@@ -236,6 +230,7 @@ def _run_method(
     target_column: Callable[[FloatArray], FloatArray],
     model_rows: Callable[[FloatArray], FloatArray],
     background: Any,
+    background_outputs: FloatArray,
 ) -> MethodResult:
     samples = plan.num_samples(model.num_features)
     if plan.method == pb.EXPLANATION_METHOD_LIME_TABULAR:
@@ -250,8 +245,14 @@ def _run_method(
             top_k=plan.top_k,
         )
     if plan.method == pb.EXPLANATION_METHOD_KERNEL_SHAP:
+        target = instance.target
         return methods.kernel_shap(
-            instance.data, target_column, background, seed=plan.seed, num_samples=samples
+            instance.data,
+            target_column,
+            background,
+            seed=plan.seed,
+            num_samples=samples,
+            known=(float(instance.outputs[target]), background_outputs[:, target]),
         )
 
     def classify(images: FloatArray) -> FloatArray:
@@ -375,22 +376,3 @@ def _check_target(target_index: int, width: int) -> None:
 
 def _background_rows(background: Any) -> int:
     return 1 if background is None else int(background.data.shape[0])
-
-
-class _Known:
-    """Output rows already evaluated (the instances, SHAP's background),
-    looked up by the exact rows asked for."""
-
-    def __init__(self) -> None:
-        self._answers: dict[tuple[tuple[int, ...], bytes], FloatArray] = {}
-
-    def add(self, rows: FloatArray, outputs: FloatArray) -> None:
-        self.add_rows(rows.reshape(1, -1), outputs.reshape(1, -1))
-
-    def add_rows(self, rows: FloatArray, outputs: FloatArray) -> None:
-        key = np.ascontiguousarray(rows, dtype=np.float64)
-        self._answers[(key.shape, key.tobytes())] = outputs
-
-    def get(self, rows: FloatArray) -> FloatArray | None:
-        key = np.ascontiguousarray(rows, dtype=np.float64)
-        return self._answers.get((key.shape, key.tobytes()))

@@ -124,14 +124,20 @@ def kernel_shap(
     *,
     seed: int,
     num_samples: int,
+    known: tuple[float, FloatArray] | None = None,
 ) -> MethodResult:
-    """Kernel SHAP; ``predict`` maps rows to the explained output element."""
+    """Kernel SHAP; ``predict`` maps rows to the explained output element.
+    ``known``, the output for ``row`` and for the background's rows when they
+    are already evaluated, answers SHAP's first two calls without ``predict``."""
     holding = [True]
 
     def model(rows: FloatArray) -> FloatArray:
-        # The background and the instance come before sampling; the first other
-        # call is the samples, drawn by then: let the next explanation draw.
-        if len(rows) > 1 and rows is not background.data and holding[0]:
+        if known is not None and rows is background.data:
+            return known[1]
+        if known is not None and len(rows) == 1 and np.array_equal(rows[0], row):
+            return np.array([known[0]])
+        if holding[0]:
+            # The samples are drawn by now: let the next explanation draw.
             holding[0] = False
             GLOBAL_RANDOM.release()
         return predict(rows)
