@@ -14,8 +14,9 @@ and cancel training jobs and hyperparameter sweeps
 optimizations …`` create, follow, read and cancel optimisation jobs
 (:mod:`conveyor.services.optimizer.cli`); ``conveyor drift`` prints a model
 version's drift report from the monitor (:mod:`conveyor.services.monitor.cli`);
-``conveyor credentials`` writes development tokens. This module only wires
-their arguments.
+``conveyor explain`` explains one prediction of a model version, as a table and
+a picture (:mod:`conveyor.services.explainer.cli`); ``conveyor credentials``
+writes development tokens. This module only wires their arguments.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from pathlib import Path
 import grpc
 
 from conveyor.services import catalog
+from conveyor.services.explainer import cli as explainer_cli
 from conveyor.services.monitor import cli as monitor_cli
 from conveyor.services.optimizer import cli as optimizer_cli
 from conveyor.services.policy import cli as policy_cli
@@ -100,6 +102,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_trainer_commands(commands)
     _add_optimizer_commands(commands)
     _add_monitor_commands(commands)
+    _add_explainer_commands(commands)
     return parser
 
 
@@ -399,6 +402,22 @@ def _add_monitor_commands(commands: _Subparsers[argparse.ArgumentParser]) -> Non
     )
     monitor_cli.add_drift_arguments(drift)
     drift.set_defaults(handler=partial(monitor_cli.run, monitor_cli.drift))
+
+
+def _add_explainer_commands(commands: _Subparsers[argparse.ArgumentParser]) -> None:
+    client = argparse.ArgumentParser(add_help=False)
+    explainer_cli.add_client_arguments(client)
+    explain = commands.add_parser(
+        "explain",
+        help="explain one prediction of a model version (LIME or Kernel SHAP)",
+        description="Explain a model version's prediction (its production alias by default) "
+        "for one row of its reference sample (--row N) or a row given (--values): the "
+        "summary, then each feature's (or superpixel's) contribution, largest first. The "
+        "explainer's picture is saved as explanation.png (--picture PATH, --no-picture).",
+        parents=[client],
+    )
+    explainer_cli.add_explain_arguments(explain)
+    explain.set_defaults(handler=partial(explainer_cli.run, explainer_cli.explain))
 
 
 def _train(args: argparse.Namespace) -> int:

@@ -49,7 +49,6 @@ class Explained:
 
 @dataclass(frozen=True)
 class _Instance:
-    index: int
     data: FloatArray
     """A tabular row (``[M]``) or an image (``[H, W, C]``)."""
     model_input: FloatArray
@@ -147,7 +146,7 @@ class Explainer:
             priming = np.concatenate([priming, background_rows.reshape(-1, *model.instance_shape)])
         outputs = await evaluate(priming)
         instances = [
-            _Instance(i, d, x, outputs[i], _target(plan, outputs[i]))
+            _Instance(d, x, outputs[i], _target(plan, outputs[i]))
             for i, (d, x) in enumerate(zip(data, model_inputs, strict=True))
         ]
         background_outputs = outputs[len(instances) :]

@@ -86,12 +86,14 @@ class ExplainerServicer(explainer_service_pb2_grpc.ExplainerServiceServicer):
                 instances,
                 plan,
                 "instance",
-                request.include_pictures,
+                request.include_pictures or request.attach_report,
                 attach_report=request.attach_report,
             )
             attachment = ""
             if request.attach_report:
                 attachment = await self._attach(model, plan, explained, context)
+        if not request.include_pictures:
+            _drop_pictures(explained)
         return rpc.ExplainResponse(
             explanation=explained.explanations[0],
             num_inference_calls=explained.num_inference_calls,
@@ -113,12 +115,14 @@ class ExplainerServicer(explainer_service_pb2_grpc.ExplainerServiceServicer):
                 request.instances,
                 plan,
                 "instances",
-                request.include_pictures,
+                request.include_pictures or request.attach_report,
                 attach_report=request.attach_report,
             )
             attachment = ""
             if request.attach_report:
                 attachment = await self._attach(model, plan, explained, context)
+        if not request.include_pictures:
+            _drop_pictures(explained)
         return rpc.ExplainBatchResponse(
             explanations=explained.explanations,
             num_model_evaluations=explained.num_model_evaluations,
@@ -270,6 +274,12 @@ class ExplainerServicer(explainer_service_pb2_grpc.ExplainerServiceServicer):
             yield
         finally:
             self._running -= 1
+
+
+def _drop_pictures(explained: Explained) -> None:
+    """Pictures drawn only for the attached report stay out of the answer."""
+    for explanation in explained.explanations:
+        del explanation.pictures[:]
 
 
 def _deadline() -> float | None:
