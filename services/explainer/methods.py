@@ -34,7 +34,7 @@ from typing import Any, Final
 
 import numpy as np
 import numpy.typing as npt
-from lime import lime_image
+from lime import lime_image as lime_image_module
 from lime.lime_image import LimeImageExplainer
 from lime.lime_tabular import LimeTabularExplainer
 from skimage import segmentation as skimage_segmentation
@@ -43,7 +43,7 @@ from conveyor.explainer.v1 import resources_pb2 as pb
 
 # lime 0.2.0.1 wraps LIME image's sampling loop in a tqdm bar it offers no way to
 # turn off (later versions take progress_bar=False); a server must not draw one.
-lime_image.tqdm = functools.partial(lime_image.tqdm, disable=True)
+lime_image_module.tqdm = functools.partial(lime_image_module.tqdm, disable=True)
 
 with warnings.catch_warnings():
     # SHAP's plotting colours use a matplotlib call due to be deprecated; the
