@@ -26,6 +26,7 @@ from conveyor.registry.v1 import resources_pb2 as registry_pb
 from conveyor.services.explainer.server import build_server as build_explainer
 from conveyor.services.explainer.settings import ExplainerSettings
 from conveyor.services.optimizer.transforms import export_onnx
+from conveyor.services.trainer.architectures import ProbabilityOutput
 from conveyor.shared.server import ConveyorServer
 from tests.inference.conftest import Suite as InferenceSuite
 from tests.inference.conftest import running_suite
@@ -57,7 +58,9 @@ class ServedModel:
 
 def served(trained: Trained) -> ServedModel:
     source = trained.source
-    data = export_onnx(source.pytorch_model(), source.input_shape, opset=18)
+    # As the optimizer's ONNX export: the classifier with its softmax, so the
+    # output is the signature's class probabilities.
+    data = export_onnx(ProbabilityOutput(source.pytorch_model()), source.input_shape, opset=18)
     version = registry_pb.ModelVersion(
         format=registry_pb.MODEL_FORMAT_ONNX_FP32,
         task=source.version.task,
