@@ -1,9 +1,11 @@
 """The ``conveyor`` command.
 
 ``conveyor serve <service>`` runs one service in this process;
-``conveyor up`` runs every implemented service, each in its own process, on
-loopback with embedded defaults, prints their addresses and drains them all on
-Ctrl-C or SIGTERM; ``conveyor health HOST:PORT`` exits 0 when a server is SERVING.
+``conveyor up`` runs every implemented service (or those ``--services`` names),
+each in its own process, on loopback with embedded defaults, prints their
+addresses, restarts a crashed one with backoff and drains them all on Ctrl-C
+or SIGTERM (:mod:`conveyor.services.supervisor`); ``conveyor health HOST:PORT``
+exits 0 when a server is SERVING.
 ``conveyor models …`` lists, shows, uploads, downloads and aliases models in a
 registry and ``conveyor registry backup|restore`` snapshots one
 (:mod:`conveyor.services.registry.cli`); ``conveyor audit …`` and ``conveyor
@@ -26,10 +28,7 @@ import asyncio
 import ctypes
 import ctypes.util
 import os
-import signal
-import subprocess
 import sys
-import time
 from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
@@ -43,11 +42,12 @@ from conveyor.services.optimizer import cli as optimizer_cli
 from conveyor.services.policy import cli as policy_cli
 from conveyor.services.registry import cli as registry_cli
 from conveyor.services.registry import cli_transfer as transfer
+from conveyor.services.supervisor import ChildSpec, Supervisor, SupervisorPolicy
 from conveyor.services.trainer import cli as trainer_cli
 from conveyor.services.trainer import sweep_cli
 from conveyor.shared.auth.credentials import DEV_USERS, write_dev_credentials
 from conveyor.shared.errors import ConveyorError
-from conveyor.shared.health import ServerExitedError, serving_status, wait_until_serving
+from conveyor.shared.health import serving_status
 from conveyor.shared.ports import default_address
 from conveyor.shared.secrets.settings import SecretStoreSettings, open_secret_store
 from conveyor.shared.settings import TelemetrySettings
@@ -58,6 +58,10 @@ from conveyor.shared.telemetry import (
 )
 
 STARTUP_TIMEOUT_S = 60.0
+"""How long ``conveyor up`` waits for a (re)started service to report SERVING."""
+DRAIN_MARGIN_S = 10.0
+"""Beyond a service's ``shutdown_delay`` + ``shutdown_grace``, how long ``conveyor
+up`` lets it finish (close databases, exit) after SIGTERM before killing it."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -67,7 +71,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "serve":
         return _serve(args.service, listen=args.listen, data_dir=args.data_dir)
     if args.command == "up":
-        return _up(data_dir=args.data_dir, host=args.host)
+        return _up(data_dir=args.data_dir, host=args.host, services=args.services)
     if args.command == "health":
         return _health(args.address, service=args.service)
     handler: Callable[[argparse.Namespace], int] | None = getattr(args, "handler", None)
@@ -87,6 +91,14 @@ def _parser() -> argparse.ArgumentParser:
     up = commands.add_parser("up", help="run every implemented service on this machine")
     up.add_argument("--data-dir", type=Path, default=Path(".data"), help="default: .data")
     up.add_argument("--host", default="127.0.0.1", help="interface to bind (default: loopback)")
+    up.add_argument(
+        "--services",
+        type=_service_list,
+        default=catalog.IMPLEMENTED,
+        metavar="NAME,…",
+        help="comma-separated services to run, started in the usual order (default: "
+        f"all: {', '.join(catalog.IMPLEMENTED)})",
+    )
     health = commands.add_parser("health", help="exit 0 if a server reports SERVING")
     health.add_argument("address", help="HOST:PORT")
     health.add_argument("--service", default="", help="one service's full name (default: all)")
@@ -526,8 +538,19 @@ def _print_credentials(written: dict[str, Path]) -> None:
         print(f"  {user:<6} {roles.get(user, ''):<18} export CONVEYOR_TOKEN_FILE={path}")
 
 
-def _up(*, data_dir: Path, host: str) -> int:
-    if not catalog.IMPLEMENTED:
+def _service_list(text: str) -> tuple[str, ...]:
+    """``--services registry,policy``: implemented names, in start-up order."""
+    names = {name.strip() for name in text.split(",") if name.strip()}
+    unknown = sorted(names.difference(catalog.IMPLEMENTED))
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(
+            f"expected names among {', '.join(catalog.IMPLEMENTED)}; got {text!r}"
+        )
+    return tuple(name for name in catalog.IMPLEMENTED if name in names)
+
+
+def _up(*, data_dir: Path, host: str, services: Sequence[str] = catalog.IMPLEMENTED) -> int:
+    if not services:
         print("conveyor up: no service has a server yet; nothing to start.", file=sys.stderr)
         return 1
     try:
@@ -535,67 +558,55 @@ def _up(*, data_dir: Path, host: str) -> int:
     except (ConveyorError, OSError) as error:
         print(f"conveyor up: cannot write development credentials: {error}", file=sys.stderr)
         return 1
-    children: dict[str, subprocess.Popen[bytes]] = {}
-    stop_requested = False
-
-    def request_stop(_signum: int, _frame: object) -> None:
-        nonlocal stop_requested
-        stop_requested = True
-
-    signal.signal(signal.SIGINT, request_stop)
-    signal.signal(signal.SIGTERM, request_stop)
     try:
-        for name in catalog.IMPLEMENTED:
-            address = default_address(name, host)
-            children[name] = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "conveyor.services.cli",
-                    "serve",
-                    name,
-                    "--listen",
-                    address,
-                    "--data-dir",
-                    str(data_dir),
-                ],
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            )
-            _wait_until_serving(name, address, children[name])
+        children = [_child(name, data_dir=data_dir, host=host) for name in services]
+    except ValueError as error:  # pydantic's ValidationError: a bad CONVEYOR_* variable
+        print(f"conveyor up: {error}", file=sys.stderr)
+        return 1
+    supervisor = Supervisor(
+        children,
+        SupervisorPolicy(startup_timeout_s=STARTUP_TIMEOUT_S),
+        report=lambda line: print(f"conveyor up: {line}", file=sys.stderr, flush=True),
+    )
+
+    def announce() -> None:
         print("\nConveyor is up:")
-        for name in children:
-            print(f"  {name:<10} {default_address(name, host)}")
+        for child in children:
+            print(f"  {child.name:<10} {child.address}")
         _print_credentials(credentials)
-        print("Ctrl-C drains and stops every service.\n", flush=True)
-        while not stop_requested and all(c.poll() is None for c in children.values()):
-            time.sleep(0.2)
-        crashed = [n for n, c in children.items() if c.returncode not in (None, 0)]
-        for name in crashed:
-            print(f"conveyor up: {name} exited with {children[name].returncode}", file=sys.stderr)
-        return 1 if crashed else 0
-    finally:
-        _stop_all(children)
+        print(
+            "A service that crashes is restarted. Ctrl-C drains and stops every service "
+            "(twice: at once).\n",
+            flush=True,
+        )
+
+    with supervisor.stopping_on_signals():
+        return supervisor.run(on_ready=announce)
 
 
-def _wait_until_serving(name: str, address: str, child: subprocess.Popen[bytes]) -> None:
-    try:
-        wait_until_serving(address, process=child, timeout_s=STARTUP_TIMEOUT_S)
-    except ServerExitedError:
-        raise SystemExit(f"conveyor up: {name} exited with {child.returncode} at start") from None
-    except TimeoutError:
-        raise SystemExit(f"conveyor up: {name} did not become healthy on {address}") from None
-
-
-def _stop_all(children: dict[str, subprocess.Popen[bytes]]) -> None:
-    # Stop in reverse start order so that callers drain before their dependencies.
-    for child in reversed(children.values()):
-        if child.poll() is None:
-            child.send_signal(signal.SIGTERM)
-    for child in reversed(children.values()):
-        try:
-            child.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            child.kill()
+def _child(name: str, *, data_dir: Path, host: str) -> ChildSpec:
+    """How ``conveyor up`` runs ``name``: ``conveyor serve`` in a child process,
+    killed when its own drain (its settings' delay and grace) overruns."""
+    address = default_address(name, host)
+    settings = catalog.load(name).settings_class(listen=address, data_dir=data_dir)
+    drain_s = (settings.shutdown_delay + settings.shutdown_grace).total_seconds()
+    return ChildSpec(
+        name=name,
+        argv=(
+            sys.executable,
+            "-m",
+            "conveyor.services.cli",
+            "serve",
+            name,
+            "--listen",
+            address,
+            "--data-dir",
+            str(data_dir),
+        ),
+        address=address,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        drain_timeout_s=drain_s + DRAIN_MARGIN_S,
+    )
 
 
 if __name__ == "__main__":
