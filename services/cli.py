@@ -478,10 +478,15 @@ def _serve(name: str, *, listen: str | None, data_dir: Path | None) -> int:
             file=sys.stderr,
         )
         return 2
-    overrides: dict[str, object] = {"listen": listen or default_address(name)}
+    overrides: dict[str, object] = {}
+    if listen is not None:
+        overrides["listen"] = listen
     if data_dir is not None:
         overrides["data_dir"] = data_dir
     settings = entry.settings_class(**overrides)
+    if "listen" not in settings.model_fields_set:
+        # Neither --listen nor CONVEYOR_<SERVICE>_LISTEN: the service's own port.
+        settings = settings.model_copy(update={"listen": default_address(name)})
     _use_one_malloc_arena()
     configure_logging(name, level=settings.log_level, json_lines=settings.log_json)
     install_tracer_provider(create_tracer_provider(name, TelemetrySettings()))

@@ -4,7 +4,7 @@ A job whose spec asks for ``world_size`` W > 1 runs as W worker processes,
 one per rank, started by PyTorch's launcher (``torchrun``, run here as
 ``python -m torch.distributed.run`` so that no ``torchrun`` script has to be on
 ``PATH``): :func:`torchrun_command` builds its command line for one machine;
-``deploy/k8s/trainer-ddp-job.yaml`` runs the same workers across machines.
+``deploy/k8s/base/trainer-ddp-job.yaml`` runs the same workers across machines.
 
 Each worker calls :func:`init_from_environment`, which reads what the launcher
 put in its environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
