@@ -13,6 +13,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -167,6 +168,9 @@ class ExplainerServicer(explainer_service_pb2_grpc.ExplainerServiceServicer):
                 )
             if request.instances:
                 rows = tabular_rows(request.instances, model, field="instances")
+                if model.reference_sample is None:
+                    # No reference data: the rows given are the only data there is.
+                    model = replace(model, reference_sample=np.stack(rows))
             elif model.reference_sample is not None:
                 rows = importance.sample_rows(model.reference_sample, size, plan.seed)
             else:

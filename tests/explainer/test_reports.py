@@ -161,3 +161,35 @@ async def test_global_importance_of_given_rows_and_its_bad_input(
         assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     # Nothing was stored by the refused calls.
     assert len(await attachments(suite, "models/cancer/versions/1")) == 1
+
+
+async def test_global_importance_without_reference_data_needs_rows(suite: Suite) -> None:
+    synthetic = synthetic_model()
+    bare = type(synthetic.version)(
+        format=synthetic.version.format, signature=synthetic.version.signature
+    )
+    await suite.serve("bare", type(synthetic)(bare, synthetic.onnx))
+    config = pb.ExplanationConfig(
+        method=pb.EXPLANATION_METHOD_KERNEL_SHAP, seed=4, num_samples=50, target_index=1
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        async for _ in suite.explainer.ComputeGlobalImportance(
+            rpc.ComputeGlobalImportanceRequest(model="models/bare", config=config), timeout=60
+        ):
+            pass
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    rows = np.random.default_rng(1).normal(size=(12, 6))
+    updates = [
+        u
+        async for u in suite.explainer.ComputeGlobalImportance(
+            rpc.ComputeGlobalImportanceRequest(
+                model="models/bare",
+                config=config,
+                instances=[pb.TabularRow(values=r.tolist()) for r in rows],
+            ),
+            timeout=60,
+        )
+    ]
+    result = updates[-1].global_importance
+    assert result.num_instances == 12
+    assert {f.index for f in result.features[:2]} == {0, 3}
