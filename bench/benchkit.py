@@ -11,10 +11,35 @@ import contextlib
 import os
 import platform
 import socket
+import statistics
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import grpc
+
+
+@dataclass
+class Metric:
+    """One measured quantity over several runs."""
+
+    label: str
+    unit: str
+    values: list[float] = field(default_factory=list)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.values)
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "label": self.label,
+            "unit": self.unit,
+            "median": self.median,
+            "min": min(self.values),
+            "max": max(self.values),
+            "runs": self.values,
+        }
 
 
 def free_port() -> int:

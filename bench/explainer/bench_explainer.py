@@ -54,7 +54,6 @@ import json
 import os
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -91,7 +90,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 if str(REPO_ROOT) not in sys.path:  # bench/ and the test support live at the repository root
     sys.path.insert(0, str(REPO_ROOT))
 
-from bench.benchkit import free_port, machine_info  # noqa: E402
+from bench.benchkit import Metric, free_port, machine_info  # noqa: E402
 from tests.support.registry import create_model, set_alias, upload_requests  # noqa: E402
 from tests.support.trained import breast_cancer_mlp  # noqa: E402
 
@@ -166,29 +165,6 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 # -- results ----------------------------------------------------------------------
-
-
-@dataclass
-class Metric:
-    """One measured quantity over several runs."""
-
-    label: str
-    unit: str
-    values: list[float]
-
-    @property
-    def median(self) -> float:
-        return statistics.median(self.values)
-
-    def as_json(self) -> dict[str, Any]:
-        return {
-            "label": self.label,
-            "unit": self.unit,
-            "median": self.median,
-            "min": min(self.values),
-            "max": max(self.values),
-            "runs": self.values,
-        }
 
 
 @dataclass

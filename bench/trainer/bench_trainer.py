@@ -56,7 +56,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -83,7 +83,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 if str(REPO_ROOT) not in sys.path:  # bench/ lives at the repository root
     sys.path.insert(0, str(REPO_ROOT))
 
-from bench.benchkit import free_port, machine_info  # noqa: E402
+from bench.benchkit import Metric, free_port, machine_info  # noqa: E402
 
 TARGET_OVERHEAD_PERCENT = 5.0
 """The issue's target: the service within 5% of a plain loop's throughput."""
@@ -219,29 +219,6 @@ def job_spec(workload: Workload, epochs: int, args: argparse.Namespace) -> pb.Tr
 
 
 # -- measurements -------------------------------------------------------------
-
-
-@dataclass
-class Metric:
-    """One measured quantity over several runs."""
-
-    label: str
-    unit: str
-    values: list[float] = field(default_factory=list)
-
-    @property
-    def median(self) -> float:
-        return statistics.median(self.values)
-
-    def as_json(self) -> dict[str, Any]:
-        return {
-            "label": self.label,
-            "unit": self.unit,
-            "median": self.median,
-            "min": min(self.values),
-            "max": max(self.values),
-            "runs": self.values,
-        }
 
 
 VARIANTS = (
