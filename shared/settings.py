@@ -195,7 +195,14 @@ class ClientSettings(BaseSettings):
         timeout: timedelta | None = None,
     ) -> grpc.aio.Channel:
         """A client's channel to ``target``: these settings' TLS and bearer
-        token, ``timeout`` (else ``default_timeout``) for each call."""
+        token, ``timeout`` (else ``default_timeout``) for each call. In a process
+        with no tracer provider of its own (the CLI), configured telemetry gives
+        it one first, so that its calls start their traces
+        (:func:`conveyor.shared.telemetry.trace_client_process`)."""
+        # Imported here: the telemetry module reads its settings from this one.
+        from conveyor.shared.telemetry import trace_client_process
+
+        trace_client_process()
         return create_channel(
             target,
             services=services,

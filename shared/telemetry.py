@@ -65,6 +65,24 @@ def create_tracer_provider(
     return provider
 
 
+def trace_client_process(settings: TelemetrySettings | None = None) -> None:
+    """Give a client process (the ``conveyor`` CLI) a tracer provider, once, when
+    telemetry is configured (``OTEL_EXPORTER_OTLP_ENDPOINT`` or
+    ``CONVEYOR_TRACES_FILE``) and the process has none of its own yet.
+
+    Its calls then start the traces the services continue: each call's client
+    span is a root, exported as ``conveyor-cli``; the provider flushes what is
+    left when the process exits. A process that installed a provider (every
+    server, the tests) keeps it; with nothing configured nothing is installed.
+    """
+    if not isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider):
+        return
+    settings = settings or TelemetrySettings()
+    if not settings.otlp_endpoint and settings.traces_file is None:
+        return
+    install_tracer_provider(create_tracer_provider("cli", settings))
+
+
 def records_spans(provider: trace.TracerProvider) -> bool:
     """Whether spans from ``provider`` can be recorded at all (not when it was
     made with nowhere to export them)."""

@@ -21,6 +21,13 @@ be slow or fail happens in one background task:
   fresher records for the same bounded buffer.
 - **Closing.** :meth:`PredictionLog.close` sends what it can within a drain
   timeout and counts the rest as dropped.
+- **Tracing.** A prediction offered while a recording span is current (its
+  call's server span) keeps that span's context. A batch that holds such
+  predictions is sent within a ``prediction_log.send`` span whose parent is the
+  first of them, linked to the others (OpenTelemetry's way for a batch that
+  serves several traces): the monitor's ingest of a prediction's record joins
+  the prediction's trace, or the trace of the first prediction batched with it.
+  Nothing of this is done for untraced predictions.
 
 :func:`records_for` turns one served request (its arrays) into the
 ``PredictionRecord`` rows the monitor stores; :func:`monitor_sender` is the
@@ -37,6 +44,7 @@ import random
 import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Final
@@ -45,6 +53,7 @@ import grpc
 import numpy as np
 import numpy.typing as npt
 from google.protobuf import duration_pb2, timestamp_pb2
+from opentelemetry import trace
 
 from conveyor.monitor.v1 import monitor_messages_pb2, monitor_service_pb2_grpc
 from conveyor.monitor.v1.resources_pb2 import FeatureValues, PredictionRecord
@@ -62,6 +71,14 @@ MAX_REQUEST_ID_LENGTH: Final = 256
 
 MAX_BATCH_SIZE: Final = 10_000
 """The most records the monitor takes in one ``BatchLogPredictions`` call."""
+
+SEND_SPAN: Final = "prediction_log.send"
+"""The span of one batch sent to the monitor (see the module: Tracing)."""
+
+MAX_LINKED_PREDICTIONS: Final = 64
+"""The most predictions, besides its parent, a send span links to."""
+
+tracer = trace.get_tracer(__name__)
 
 _NUMERIC_KINDS: Final = frozenset("biuf")
 _TEXT_KINDS: Final = frozenset("OSU")
@@ -207,6 +224,12 @@ class PredictionLog:
         self._max_backoff_s = max_backoff.total_seconds()
         self._backoff_s = 0.0
         self._buffer: deque[PredictionRecord] = deque()
+        # Traced predictions among the buffered records: (the position of their
+        # first record, counted over every record ever buffered, their span's
+        # context). Positions are compared with what left the buffer so far.
+        self._origins: deque[tuple[int, trace.SpanContext]] = deque()
+        self._buffered_total = 0
+        self._taken_total = 0
         self._wake = asyncio.Event()
         self._closing = asyncio.Event()
         self._closed = False
@@ -238,6 +261,11 @@ class PredictionLog:
             stats.dropped_full += len(records) - room
             self._report(records[room:], Outcome.FULL)
             records = records[:room]
+        if records:
+            span = trace.get_current_span()
+            if span.is_recording():
+                self._origins.append((self._buffered_total, span.get_span_context()))
+            self._buffered_total += len(records)
         self._buffer.extend(records)
         stats.buffered = len(self._buffer)
         if len(self._buffer) >= self.batch_size:
@@ -262,6 +290,7 @@ class PredictionLog:
                 # The send in flight is cancelled; its batch counts as closed.
                 task.cancel()
                 await asyncio.wait({task})
+        self._origins.clear()
         if self._buffer:
             rest = list(self._buffer)
             self._buffer.clear()
@@ -281,7 +310,7 @@ class PredictionLog:
                 continue
             batch = [self._buffer.popleft() for _ in range(min(self.batch_size, len(self._buffer)))]
             self.statistics.buffered = len(self._buffer)
-            await self._deliver(batch)
+            await self._deliver(batch, self._take_origins(len(batch)))
             if self._backoff_s and not self._closing.is_set():
                 await self._pause(self._backoff_s)
 
@@ -303,10 +332,22 @@ class PredictionLog:
         except TimeoutError:
             return
 
-    async def _deliver(self, batch: list[PredictionRecord]) -> None:
+    def _take_origins(self, taken: int) -> list[trace.SpanContext]:
+        """The span contexts of the traced predictions among the next ``taken``
+        records, which have just left the buffer."""
+        self._taken_total += taken
+        origins = []
+        while self._origins and self._origins[0][0] < self._taken_total:
+            origins.append(self._origins.popleft()[1])
+        return origins
+
+    async def _deliver(
+        self, batch: list[PredictionRecord], origins: Sequence[trace.SpanContext]
+    ) -> None:
         stats = self.statistics
         try:
-            await self._send(batch)
+            with _send_span(len(batch), origins):
+                await self._send(batch)
         except asyncio.CancelledError:
             current = asyncio.current_task()
             if current is not None and current.cancelling():
@@ -377,6 +418,25 @@ def monitor_sender(channel: grpc.aio.Channel, *, timeout: timedelta) -> Send:
 
 
 # -- helpers --------------------------------------------------------------------------
+
+
+def _send_span(
+    records: int, origins: Sequence[trace.SpanContext]
+) -> AbstractContextManager[object]:
+    """The span a batch is sent in: a child of the first traced prediction's
+    span, linked to the others; none when no prediction of the batch is traced."""
+    if not origins:
+        return nullcontext()
+    first, *others = origins
+    return tracer.start_as_current_span(
+        SEND_SPAN,
+        context=trace.set_span_in_context(trace.NonRecordingSpan(first)),
+        links=[trace.Link(origin) for origin in others[:MAX_LINKED_PREDICTIONS]],
+        attributes={
+            "conveyor.prediction_log.records": records,
+            "conveyor.prediction_log.predictions": len(origins),
+        },
+    )
 
 
 def _check_rate(rate: float) -> None:

@@ -6,7 +6,8 @@ engine and appends the decision, allow or deny, in one step; if the append
 fails, :class:`~conveyor.services.policy.audit.AuditLogUnavailableError`
 (UNAVAILABLE) reaches the caller, who refuses the action. :class:`LocalAuthorizer`
 is the policy service's own authorizer for its interceptor: the same decisions,
-without a network hop to itself.
+without a network hop to itself. Each append is a ``policy.audit.append`` span
+in the call's trace, naming the decision, its sequence, kind and result.
 """
 
 from __future__ import annotations
@@ -26,6 +27,11 @@ from conveyor.services.policy.promotion import PromotionEvaluation
 from conveyor.shared.auth.authorizer import AuthorizationResult, DecisionCache
 from conveyor.shared.auth.principal import Principal, Resource
 from conveyor.shared.workers import WorkerThreads
+
+AUDIT_APPEND_SPAN = "policy.audit.append"
+"""The span of one audit log append (the call's span is its parent)."""
+
+tracer = trace.get_tracer(__name__)
 
 
 def current_trace_ids() -> tuple[str, str]:
@@ -75,20 +81,22 @@ class DecisionRecorder:
 
         def decide_and_record() -> tuple[AuthorizationDecision, AuditRecord]:
             decision = engine.authorize(principal, action, resource, context)
-            record = self.audit.append(
-                principal=principal,
-                action=action,
-                resource=resource,
-                result="allow" if decision.allowed else "deny",
-                input=context,
-                policy_ids=decision.policy_ids,
-                reasons=decision.reasons,
-                errors=decision.errors,
-                policy_set_digest=decision.policy_set_digest,
-                caller=caller,
-                trace_id=trace_id,
-                span_id=span_id,
-            )
+            with tracer.start_as_current_span(AUDIT_APPEND_SPAN) as span:
+                record = self.audit.append(
+                    principal=principal,
+                    action=action,
+                    resource=resource,
+                    result="allow" if decision.allowed else "deny",
+                    input=context,
+                    policy_ids=decision.policy_ids,
+                    reasons=decision.reasons,
+                    errors=decision.errors,
+                    policy_set_digest=decision.policy_set_digest,
+                    caller=caller,
+                    trace_id=trace_id,
+                    span_id=span_id,
+                )
+                _describe(span, record)
             return decision, record
 
         return await self.workers.run(decide_and_record)
@@ -103,24 +111,29 @@ class DecisionRecorder:
         caller: str,
     ) -> AuditRecord:
         trace_id, span_id = current_trace_ids()
-        return await self.workers.run(
-            lambda: self.audit.append(
-                principal=requester,
-                action="registry.SetAlias",
-                resource=resource,
-                result="allow" if evaluation.allowed else "deny",
-                input={"alias": alias},
-                policy_ids=evaluation.policy_ids,
-                reasons=evaluation.reasons,
-                errors=evaluation.errors,
-                policy_set_digest=self.engine.policy_set_digest,
-                kind="promotion",
-                gates=evaluation.gate_documents(),
-                caller=caller,
-                trace_id=trace_id,
-                span_id=span_id,
-            )
-        )
+
+        def record() -> AuditRecord:
+            with tracer.start_as_current_span(AUDIT_APPEND_SPAN) as span:
+                appended = self.audit.append(
+                    principal=requester,
+                    action="registry.SetAlias",
+                    resource=resource,
+                    result="allow" if evaluation.allowed else "deny",
+                    input={"alias": alias},
+                    policy_ids=evaluation.policy_ids,
+                    reasons=evaluation.reasons,
+                    errors=evaluation.errors,
+                    policy_set_digest=self.engine.policy_set_digest,
+                    kind="promotion",
+                    gates=evaluation.gate_documents(),
+                    caller=caller,
+                    trace_id=trace_id,
+                    span_id=span_id,
+                )
+                _describe(span, appended)
+                return appended
+
+        return await self.workers.run(record)
 
 
 class LocalAuthorizer:
@@ -162,4 +175,18 @@ class LocalAuthorizer:
             policy_ids=tuple(decision.policy_ids),
             reasons=tuple(decision.reasons),
             cache_ttl=self._cache_ttl,
+        )
+
+
+def _describe(span: trace.Span, record: AuditRecord) -> None:
+    """What an append span says about its entry (nothing of its input)."""
+    if span.is_recording():
+        span.set_attributes(
+            {
+                "conveyor.decision": record.name,
+                "conveyor.audit.sequence": record.sequence,
+                "conveyor.audit.kind": record.kind,
+                "conveyor.audit.action": record.action,
+                "conveyor.audit.result": record.result,
+            }
         )

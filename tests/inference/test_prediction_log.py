@@ -18,16 +18,20 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
+from opentelemetry import trace
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from conveyor.monitor.v1 import monitor_messages_pb2, monitor_service_pb2_grpc
 from conveyor.monitor.v1.resources_pb2 import PredictionRecord
 from conveyor.services.inference.prediction_log import (
+    SEND_SPAN,
     Outcome,
     PredictionLog,
     counts_by_model,
     monitor_sender,
     records_for,
 )
+from conveyor.shared.channel import create_channel
 
 VERSION = "models/churn/versions/3"
 NOW = datetime(2030, 5, 17, 12, 30, 15, 250000, tzinfo=UTC)
@@ -217,6 +221,8 @@ class RecordingMonitor(monitor_service_pb2_grpc.MonitorServiceServicer):
     ``stored`` are set on each call's arrival and each batch's storing."""
 
     batches: list[list[PredictionRecord]] = field(default_factory=list)
+    traceparents: list[str] = field(default_factory=list)
+    """Each call's W3C ``traceparent`` ("" without)."""
     calls: int = 0
     gate: asyncio.Event = field(default_factory=asyncio.Event)
     called: asyncio.Event = field(default_factory=asyncio.Event)
@@ -229,6 +235,7 @@ class RecordingMonitor(monitor_service_pb2_grpc.MonitorServiceServicer):
         self, request: monitor_messages_pb2.BatchLogPredictionsRequest, context: Any
     ) -> monitor_messages_pb2.BatchLogPredictionsResponse:
         self.calls += 1
+        self.traceparents.append(dict(context.invocation_metadata() or ()).get("traceparent", ""))
         self.called.set()
         await self.gate.wait()
         self.batches.append(list(request.records))
@@ -248,6 +255,19 @@ async def monitor() -> AsyncIterator[tuple[RecordingMonitor, grpc.aio.Channel]]:
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        yield servicer, channel
+    await server.stop(None)
+
+
+@pytest.fixture
+async def traced_monitor() -> AsyncIterator[tuple[RecordingMonitor, grpc.aio.Channel]]:
+    """Like ``monitor``, over a channel that traces its calls (as inference's does)."""
+    servicer = RecordingMonitor()
+    server = grpc.aio.server()
+    monitor_service_pb2_grpc.add_MonitorServiceServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    async with create_channel(f"127.0.0.1:{port}", default_timeout=None) as channel:
         yield servicer, channel
     await server.stop(None)
 
@@ -377,6 +397,55 @@ async def test_a_down_monitor_costs_callers_nothing(closed_port: int) -> None:
     assert stats.buffered == 0
     assert sum(n for n, outcome in dropped if outcome is Outcome.FAILED) == stats.dropped_failed
     assert {outcome for _, outcome in dropped} <= {Outcome.FAILED, Outcome.CLOSED}
+
+
+# -- tracing ---------------------------------------------------------------------------
+
+
+async def test_a_batch_is_sent_in_the_trace_of_its_first_traced_prediction(
+    traced_monitor: tuple[RecordingMonitor, grpc.aio.Channel], spans: InMemorySpanExporter
+) -> None:
+    servicer, channel = traced_monitor
+    log = PredictionLog(
+        monitor_sender(channel, timeout=DRAIN), capacity=100, batch_size=4, flush_interval=NEVER
+    )
+    tracer = trace.get_tracer(__name__)
+    log.offer(lambda: one(0))  # served outside any trace
+    predictions = []
+    for index in (1, 2, 3):
+        with tracer.start_as_current_span(f"ModelInfer {index}") as call:
+            log.offer(partial(one, index))
+        predictions.append(call.get_span_context())
+    for index in range(4, 8):  # a batch of untraced predictions only
+        log.offer(partial(one, index))
+    log.start()
+    await log.close(DRAIN)
+    assert [len(batch) for batch in servicer.batches] == [4, 4]
+
+    finished = spans.get_finished_spans()
+    [send] = [span for span in finished if span.name == SEND_SPAN]
+    first, *others = predictions
+    assert send.parent is not None
+    assert (send.context.trace_id, send.parent.span_id) == (first.trace_id, first.span_id)
+    assert [link.context for link in send.links] == others
+    assert dict(send.attributes or {}) == {
+        "conveyor.prediction_log.records": 4,
+        "conveyor.prediction_log.predictions": 3,
+    }
+    # The call to the monitor is the send span's child: the monitor continues
+    # the first prediction's trace.
+    [rpc] = [
+        span
+        for span in finished
+        if span.name == "/conveyor.monitor.v1.MonitorService/BatchLogPredictions"
+        and span.parent is not None
+        and span.parent.span_id == send.context.span_id
+    ]
+    assert servicer.traceparents[0].startswith(
+        f"00-{first.trace_id:032x}-{rpc.context.span_id:016x}-"
+    )
+    # Untraced predictions join no trace of theirs (the call starts its own).
+    assert all(f"{p.trace_id:032x}" not in servicer.traceparents[1] for p in predictions)
 
 
 # -- failures and closing, with a scripted send ---------------------------------------

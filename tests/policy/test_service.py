@@ -16,11 +16,13 @@ from pathlib import Path
 import grpc
 import pytest
 from opentelemetry import trace
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from conveyor.policy.v1 import policy_messages_pb2 as policy_rpc
 from conveyor.policy.v1 import resources_pb2 as policy_pb
 from conveyor.registry.v1 import registry_messages_pb2 as rpc
 from conveyor.registry.v1 import resources_pb2 as pb
+from conveyor.services.policy.decisions import AUDIT_APPEND_SPAN
 from conveyor.shared.auth.principal import Principal
 from conveyor.shared.errors import PermissionDeniedError
 from tests.support.canary import CANARY
@@ -234,6 +236,49 @@ async def test_a_non_production_alias_of_a_medium_risk_model_needs_no_gate(suite
     assert decision.outcome == policy_pb.OUTCOME_ALLOW
     assert decision.caller == "user:erin"
     assert len(decision.gates) == len(answer.gates)
+
+
+async def test_each_decision_is_appended_in_a_span_of_the_calls_trace(
+    suite: Suite, spans: InMemorySpanExporter
+) -> None:
+    version = await team_a_model(suite)
+    spans.clear()
+    answer = await suite.policy(ERIN).EvaluatePromotion(evaluate(version.name))
+    finished = spans.get_finished_spans()
+    [call] = [
+        span
+        for span in finished
+        if span.name == "/conveyor.policy.v1.PolicyService/EvaluatePromotion"
+        and span.kind == trace.SpanKind.SERVER
+    ]
+    appends = {
+        (span.attributes or {}).get("conveyor.audit.kind"): span
+        for span in finished
+        if span.name == AUDIT_APPEND_SPAN
+        and span.parent is not None
+        and span.parent.span_id == call.context.span_id
+    }
+    # Erin's call itself (the service's own authorizer), then its promotion decision.
+    assert set(appends) == {"authorization", "promotion"}
+    assert dict(appends["authorization"].attributes or {})["conveyor.audit.action"] == (
+        "policy.EvaluatePromotion"
+    )
+    decision = (
+        await suite.policy(SAM).GetDecision(
+            policy_rpc.GetDecisionRequest(name=f"decisions/{answer.decision_id}")
+        )
+    ).decision
+    promotion = dict(appends["promotion"].attributes or {})
+    assert promotion == {
+        "conveyor.decision": decision.name,
+        "conveyor.audit.sequence": decision.sequence,
+        "conveyor.audit.kind": "promotion",
+        "conveyor.audit.action": "registry.SetAlias",
+        "conveyor.audit.result": "deny",
+    }
+    # The entry names the call's span: the append span's parent.
+    assert decision.trace_id == format(call.context.trace_id, "032x")
+    assert decision.span_id == format(call.context.span_id, "016x")
 
 
 async def test_a_high_risk_models_tampered_signature_fails_for_any_alias(suite: Suite) -> None:
