@@ -9,7 +9,8 @@ BUF := .tools/node_modules/.bin/buf
 PROTO_FILES = $(shell find protos -name '*.proto' | sort)
 SERVICE_PROTO_FILES = $(shell grep -l '^service ' $(PROTO_FILES))
 
-.PHONY: install run test lint typecheck protos check-protos buf-lint buf-breaking unit clean
+.PHONY: install run test lint typecheck protos check-protos buf-lint buf-breaking unit clean \
+	settings-doc
 
 ## install: create .venv (if missing) and install Conveyor with every extra and dev tool
 install: $(STAMP)
@@ -23,9 +24,10 @@ $(STAMP): pyproject.toml setup.py constraints.txt
 $(BUF):
 	npm install --prefix .tools --no-audit --no-fund --loglevel=error @bufbuild/buf@$(BUF_VERSION)
 
-## run: start every implemented service on localhost with embedded defaults
+## run: start every service on localhost with embedded defaults, run a model's
+## lifecycle through them (once per data directory), keep serving until Ctrl-C
 run: install
-	$(BIN)/conveyor up
+	$(BIN)/conveyor up --lifecycle
 
 ## test: lint, type checks, contract checks and the whole test suite
 test: install lint typecheck buf-lint check-protos
@@ -72,6 +74,10 @@ check-protos: install
 	  diff -r -q -x '__init__.py' -x 'py.typed' -x '*.proto' -x '__pycache__' -x 'README.md' \
 	    $$tmp/conveyor protos/conveyor && rm -rf $$tmp && echo "generated code is fresh" || \
 	  { echo "generated code is stale: run 'make protos' and commit"; rm -rf $$tmp; exit 1; }
+
+## settings-doc: regenerate README's configuration reference from the settings classes
+settings-doc: install
+	$(BIN)/python -m conveyor.services.settings_reference README.md
 
 clean:
 	rm -rf $(VENV) .tools .mypy_cache .ruff_cache .pytest_cache build *.egg-info

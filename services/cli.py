@@ -2,10 +2,12 @@
 
 ``conveyor serve <service>`` runs one service in this process;
 ``conveyor up`` runs every implemented service (or those ``--services`` names),
-each in its own process, on loopback with embedded defaults, prints their
-addresses, restarts a crashed one with backoff and drains them all on Ctrl-C
-or SIGTERM (:mod:`conveyor.services.supervisor`); ``conveyor health HOST:PORT``
-exits 0 when a server is SERVING.
+each in its own process, on loopback with embedded defaults (``--base-port``
+moves their ports), prints their addresses, restarts a crashed one with backoff
+and drains them all on Ctrl-C or SIGTERM (:mod:`conveyor.services.supervisor`);
+with ``--lifecycle`` (``make run``) it then runs ``conveyor lifecycle``, a model
+from training to production and back (:mod:`conveyor.services.lifecycle`).
+``conveyor health HOST:PORT`` exits 0 when a server is SERVING.
 ``conveyor models …`` lists, shows, uploads, downloads and aliases models in a
 registry and ``conveyor registry backup|restore`` snapshots one
 (:mod:`conveyor.services.registry.cli`); ``conveyor audit …`` and ``conveyor
@@ -15,7 +17,13 @@ and cancel training jobs and hyperparameter sweeps
 (:mod:`conveyor.services.trainer.cli`); ``conveyor optimize`` and ``conveyor
 optimizations …`` create, follow, read and cancel optimisation jobs
 (:mod:`conveyor.services.optimizer.cli`); ``conveyor drift`` prints a model
-version's drift report from the monitor (:mod:`conveyor.services.monitor.cli`);
+version's drift report from the monitor (:mod:`conveyor.services.monitor.cli`)
+and ``conveyor alerts …`` its alerts and alert rules
+(:mod:`conveyor.services.monitor.alerts_cli`); ``conveyor promote`` and ``conveyor
+rollback`` move an alias through the promotion gates
+(:mod:`conveyor.services.registry.cli_promotion`); ``conveyor deploy``,
+``conveyor deployments status`` and ``conveyor predict`` serve and call a model
+(:mod:`conveyor.services.inference.cli`);
 ``conveyor explain`` explains one prediction of a model version, as a table and
 a picture (:mod:`conveyor.services.explainer.cli`); ``conveyor credentials``
 writes development tokens. This module only wires their arguments.
@@ -29,18 +37,22 @@ import ctypes
 import ctypes.util
 import os
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
 
 import grpc
 
-from conveyor.services import catalog
+from conveyor.services import catalog, lifecycle
 from conveyor.services.explainer import cli as explainer_cli
+from conveyor.services.inference import cli as inference_cli
 from conveyor.services.monitor import cli as monitor_cli
+from conveyor.services.monitor.alerts_cli import add_alerts_commands
 from conveyor.services.optimizer import cli as optimizer_cli
 from conveyor.services.policy import cli as policy_cli
 from conveyor.services.registry import cli as registry_cli
+from conveyor.services.registry import cli_promotion
 from conveyor.services.registry import cli_transfer as transfer
 from conveyor.services.supervisor import ChildSpec, Supervisor, SupervisorPolicy
 from conveyor.services.trainer import cli as trainer_cli
@@ -48,7 +60,7 @@ from conveyor.services.trainer import sweep_cli
 from conveyor.shared.auth.credentials import DEV_USERS, write_dev_credentials
 from conveyor.shared.errors import ConveyorError
 from conveyor.shared.health import serving_status
-from conveyor.shared.ports import default_address
+from conveyor.shared.ports import SERVICE_PORTS, default_address
 from conveyor.shared.secrets.settings import SecretStoreSettings, open_secret_store
 from conveyor.shared.settings import TelemetrySettings
 from conveyor.shared.telemetry import (
@@ -59,6 +71,7 @@ from conveyor.shared.telemetry import (
 
 STARTUP_TIMEOUT_S = 60.0
 """How long ``conveyor up`` waits for a (re)started service to report SERVING."""
+FIRST_PORT = min(SERVICE_PORTS.values())
 DRAIN_MARGIN_S = 10.0
 """Beyond a service's ``shutdown_delay`` + ``shutdown_grace``, how long ``conveyor
 up`` lets it finish (close databases, exit) after SIGTERM before killing it."""
@@ -71,7 +84,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "serve":
         return _serve(args.service, listen=args.listen, data_dir=args.data_dir)
     if args.command == "up":
-        return _up(data_dir=args.data_dir, host=args.host, services=args.services)
+        return _up(args)
     if args.command == "health":
         return _health(args.address, service=args.service)
     handler: Callable[[argparse.Namespace], int] | None = getattr(args, "handler", None)
@@ -99,6 +112,32 @@ def _parser() -> argparse.ArgumentParser:
         help="comma-separated services to run, started in the usual order (default: "
         f"all: {', '.join(catalog.IMPLEMENTED)})",
     )
+    up.add_argument(
+        "--base-port",
+        type=int,
+        metavar="N",
+        help="listen on N+1 (registry) … N+7 (policy) instead of 50051 … 50057",
+    )
+    up.add_argument(
+        "--logs",
+        type=Path,
+        metavar="DIR",
+        help="write each service's log to DIR/<service>.log (default: the terminal; "
+        "with --lifecycle: DATA_DIR/logs)",
+    )
+    up.add_argument(
+        "--lifecycle",
+        action="store_true",
+        help="once every service is up, run `conveyor lifecycle` (what `make run` does)",
+    )
+    lifecycle_parser = commands.add_parser(
+        "lifecycle",
+        help="train, optimise, explain, promote, serve, watch and roll back a model",
+        description=lifecycle.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    lifecycle.add_arguments(lifecycle_parser)
+    lifecycle_parser.set_defaults(handler=lambda args: lifecycle.run(args, main))
     health = commands.add_parser("health", help="exit 0 if a server reports SERVING")
     health.add_argument("address", help="HOST:PORT")
     health.add_argument("--service", default="", help="one service's full name (default: all)")
@@ -109,12 +148,15 @@ def _parser() -> argparse.ArgumentParser:
     credentials.add_argument("--data-dir", type=Path, default=Path(".data"), help="default: .data")
     credentials.set_defaults(handler=lambda args: _credentials(args.data_dir))
     _add_models_commands(commands)
+    _add_promotion_commands(commands)
     _add_registry_commands(commands)
     _add_policy_commands(commands)
     _add_trainer_commands(commands)
     _add_optimizer_commands(commands)
     _add_monitor_commands(commands)
+    add_alerts_commands(commands)
     _add_explainer_commands(commands)
+    _add_inference_commands(commands)
     return parser
 
 
@@ -233,6 +275,15 @@ def _add_alias_commands(
     listing = sub.add_parser("list", help="a model's aliases", parents=[client, machine])
     listing.set_defaults(handler=partial(registry_cli.run, registry_cli.alias_list))
     listing.add_argument("model")
+
+
+def _add_promotion_commands(commands: _Subparsers[argparse.ArgumentParser]) -> None:
+    client = argparse.ArgumentParser(add_help=False)
+    client.add_argument("--registry", metavar="HOST:PORT", help="registry address")
+    client.add_argument("--timeout", type=_seconds, metavar="SECONDS", help="default: 30")
+    promote, rollback = cli_promotion.add_arguments(commands, parents=[client])
+    promote.set_defaults(handler=partial(registry_cli.run, cli_promotion.promote))
+    rollback.set_defaults(handler=partial(registry_cli.run, cli_promotion.rollback))
 
 
 def _add_registry_commands(commands: _Subparsers[argparse.ArgumentParser]) -> None:
@@ -416,6 +467,12 @@ def _add_monitor_commands(commands: _Subparsers[argparse.ArgumentParser]) -> Non
     drift.set_defaults(handler=partial(monitor_cli.run, monitor_cli.drift))
 
 
+def _add_inference_commands(commands: _Subparsers[argparse.ArgumentParser]) -> None:
+    client = argparse.ArgumentParser(add_help=False)
+    inference_cli.add_client_arguments(client)
+    inference_cli.add_commands(commands, parents=[client])
+
+
 def _add_explainer_commands(commands: _Subparsers[argparse.ArgumentParser]) -> None:
     client = argparse.ArgumentParser(add_help=False)
     explainer_cli.add_client_arguments(client)
@@ -554,7 +611,9 @@ def _service_list(text: str) -> tuple[str, ...]:
     return tuple(name for name in catalog.IMPLEMENTED if name in names)
 
 
-def _up(*, data_dir: Path, host: str, services: Sequence[str] = catalog.IMPLEMENTED) -> int:
+def _up(args: argparse.Namespace) -> int:
+    data_dir: Path = args.data_dir
+    services: Sequence[str] = args.services
     if not services:
         print("conveyor up: no service has a server yet; nothing to start.", file=sys.stderr)
         return 1
@@ -563,8 +622,19 @@ def _up(*, data_dir: Path, host: str, services: Sequence[str] = catalog.IMPLEMEN
     except (ConveyorError, OSError) as error:
         print(f"conveyor up: cannot write development credentials: {error}", file=sys.stderr)
         return 1
+    addresses = {
+        name: default_address(name, args.host)
+        if args.base_port is None
+        else f"{args.host}:{args.base_port + SERVICE_PORTS[name] - FIRST_PORT + 1}"
+        for name in catalog.ALL_SERVICES
+    }
+    # The services find each other, and the lifecycle finds them, by these.
+    os.environ.update({f"CONVEYOR_{name.upper()}_ADDR": a for name, a in addresses.items()})
+    logs: Path | None = args.logs or (data_dir / "logs" if args.lifecycle else None)
     try:
-        children = [_child(name, data_dir=data_dir, host=host) for name in services]
+        children = [
+            _child(name, address=addresses[name], data_dir=data_dir, logs=logs) for name in services
+        ]
     except ValueError as error:  # pydantic's ValidationError: a bad CONVEYOR_* variable
         print(f"conveyor up: {error}", file=sys.stderr)
         return 1
@@ -578,21 +648,27 @@ def _up(*, data_dir: Path, host: str, services: Sequence[str] = catalog.IMPLEMEN
         print("\nConveyor is up:")
         for child in children:
             print(f"  {child.name:<10} {child.address}")
+        if logs is not None:
+            print(f"Service logs: {logs}/<service>.log")
         _print_credentials(credentials)
         print(
             "A service that crashes is restarted. Ctrl-C drains and stops every service "
             "(twice: at once).\n",
             flush=True,
         )
+        if args.lifecycle:
+            lifecycle_args = argparse.Namespace(data_dir=data_dir, model="cancer", again=False)
+            threading.Thread(
+                target=lifecycle.run, args=(lifecycle_args, main), name="lifecycle", daemon=True
+            ).start()
 
     with supervisor.stopping_on_signals():
         return supervisor.run(on_ready=announce)
 
 
-def _child(name: str, *, data_dir: Path, host: str) -> ChildSpec:
+def _child(name: str, *, address: str, data_dir: Path, logs: Path | None) -> ChildSpec:
     """How ``conveyor up`` runs ``name``: ``conveyor serve`` in a child process,
     killed when its own drain (its settings' delay and grace) overruns."""
-    address = default_address(name, host)
     settings = catalog.load(name).settings_class(listen=address, data_dir=data_dir)
     drain_s = (settings.shutdown_delay + settings.shutdown_grace).total_seconds()
     return ChildSpec(
@@ -611,6 +687,7 @@ def _child(name: str, *, data_dir: Path, host: str) -> ChildSpec:
         address=address,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
         drain_timeout_s=drain_s + DRAIN_MARGIN_S,
+        log_file=None if logs is None else logs / f"{name}.log",
     )
 
 

@@ -38,6 +38,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from enum import StrEnum
+from pathlib import Path
 
 import grpc
 
@@ -69,6 +70,9 @@ class ChildSpec:
 
     drain_timeout_s: float = 20.0
     """How long it may take to exit after SIGTERM before it is killed."""
+
+    log_file: Path | None = None
+    """Where its stdout and stderr go, appended (``None``: this process's)."""
 
 
 @dataclass(frozen=True)
@@ -324,7 +328,7 @@ class Supervisor:
         child.started_at = now
         child.ready_at = None
         try:
-            child.process = subprocess.Popen(child.spec.argv, env=child.spec.env)
+            child.process = self._popen(child.spec)
         except OSError as error:
             child.process = None
             self._crashed(child, now, None, f"could not be started ({error})")
@@ -332,6 +336,14 @@ class Supervisor:
         self._record(child, EventKind.STARTED, now)
         if child.spec.address is None:
             self._ready(child)
+
+    @staticmethod
+    def _popen(spec: ChildSpec) -> subprocess.Popen[bytes]:
+        if spec.log_file is None:
+            return subprocess.Popen(spec.argv, env=spec.env)
+        spec.log_file.parent.mkdir(parents=True, exist_ok=True)
+        with spec.log_file.open("ab") as log:  # the child keeps its own descriptor
+            return subprocess.Popen(spec.argv, env=spec.env, stdout=log, stderr=subprocess.STDOUT)
 
     def _step(self, child: _Child, now: float) -> None:
         if self._stop_requests:

@@ -45,6 +45,7 @@ from conveyor.services.inference.repository import ModelRepository
 from conveyor.services.inference.routing import Route
 from conveyor.services.inference.tensors import decode_request, encode_outputs
 from conveyor.services.inference.versions import LoadedVersion, requested
+from conveyor.shared.auth import current_principal
 from conveyor.shared.auth.principal import caller_principal
 from conveyor.shared.errors import (
     ConveyorError,
@@ -67,6 +68,9 @@ EXTENSIONS: Final = (
     "parameters",
 )
 MAX_INDEXED_MODELS: Final = 1000
+UNLOGGED_SERVICES: Final = frozenset({"explainer"})
+"""Callers whose predictions stay out of the prediction log: the explainer's
+are perturbed samples around one instance, not traffic, and would read as drift."""
 
 
 class _Served(NamedTuple):
@@ -138,7 +142,7 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         self, request: oip.ModelMetadataRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> oip.ModelMetadataResponse:
         runtime = self._runtime(request.name, field="name")
-        version = _metadata_version(runtime, request.version)
+        version = await _metadata_version(runtime, request.version)
         signature = {spec.name: spec for spec in version.registered.signature.inputs}
         signature.update({spec.name: spec for spec in version.registered.signature.outputs})
         return oip.ModelMetadataResponse(
@@ -153,7 +157,7 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         self, request: oip.ModelConfigRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> oip.ModelConfigResponse:
         runtime = self._runtime(request.name, field="name")
-        version = _metadata_version(runtime, request.version)
+        version = await _metadata_version(runtime, request.version)
         return oip.ModelConfigResponse(config=model_config(runtime, version))
 
     async def ModelStatistics(
@@ -423,6 +427,9 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
             )
 
     def _sample_rate(self, runtime: DeploymentRuntime) -> float:
+        caller = current_principal.get()
+        if caller is not None and caller.kind == "service" and caller.id in UNLOGGED_SERVICES:
+            return 0.0
         if runtime.config.HasField("prediction_log_sample_rate"):
             return runtime.config.prediction_log_sample_rate
         return self._default_sample_rate
@@ -568,15 +575,14 @@ def _held_version(runtime: DeploymentRuntime, number: str) -> LoadedVersion:
     )
 
 
-def _metadata_version(runtime: DeploymentRuntime, number: str) -> LoadedVersion:
+async def _metadata_version(runtime: DeploymentRuntime, number: str) -> LoadedVersion:
+    """The version described: an explicit one is loaded on demand as ``ModelInfer``
+    would (a candidate is explained before it is promoted), else the default route's."""
     if number:
-        version = _held_version(runtime, number)
-        if version.ready:
-            return version
-    else:
-        route = runtime.route
-        if route is not None:
-            return route.targets[0][0]
+        return await runtime.version(_version_number(number))
+    route = runtime.route
+    if route is not None:
+        return route.targets[0][0]
     raise UnavailableError(
         f"{runtime.model_id} has no ready version to describe", reason="MODEL_NOT_READY"
     )

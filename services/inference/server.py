@@ -100,6 +100,9 @@ def inference_resolver(source: RegistrySource) -> ResourceResolver:
     async def resolve(method: str, request: Message) -> Resource:
         resource = default_resource("inference", method, request)
         model_id = resource.name
+        deployment = getattr(request, "deployment", None)
+        if isinstance(deployment, pb.Deployment):  # Create and Update: the model inside
+            model_id = deployment.model or deployment.name
         for prefix in ("deployments/", "models/"):
             model_id = model_id.removeprefix(prefix)
         model_id = model_id.split("/")[0].split("@")[0]
