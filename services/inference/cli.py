@@ -331,16 +331,16 @@ def serves_only(status: pb.DeploymentStatus, number: int) -> bool:
 
 def print_status(status: pb.DeploymentStatus) -> None:
     """A deployment's state, its versions as a table and its last swap."""
-    state = _words(pb.DeploymentState.Name(status.state), "DEPLOYMENT_STATE_")
+    state = _label(pb.DeploymentState, status.state, "DEPLOYMENT_STATE_")
     print(f"{status.name.removesuffix('/status')}: {state}")
     rows = [
         [
             version.model_version,
             version.target or "-",
-            _words(pb.VersionRole.Name(version.role), "VERSION_ROLE_"),
-            _words(pb.VersionState.Name(version.state), "VERSION_STATE_"),
+            _label(pb.VersionRole, version.role, "VERSION_ROLE_"),
+            _label(pb.VersionState, version.state, "VERSION_STATE_"),
             f"{version.traffic_percent}%",
-            _words(pb.ExecutionProvider.Name(version.execution_provider), "EXECUTION_PROVIDER_"),
+            _label(pb.ExecutionProvider, version.execution_provider, "EXECUTION_PROVIDER_"),
             version.device or "-",
             str(version.max_batch_size),
         ]
@@ -352,17 +352,12 @@ def print_status(status: pb.DeploymentStatus) -> None:
     swap = status.last_swap
     if swap.to_version:
         origin = swap.from_version or "nothing"
-        outcome = _words(pb.SwapOutcome.Name(swap.outcome), "SWAP_OUTCOME_")
+        outcome = _label(pb.SwapOutcome, swap.outcome, "SWAP_OUTCOME_")
         print(
             f"last swap: {origin} -> {swap.to_version} "
             f"({outcome}, alias revision {swap.alias_revision})"
             + (f": {swap.error_message}" if swap.error_message else "")
         )
-
-
-def _words(name: str, prefix: str) -> str:
-    """``ready`` from ``DEPLOYMENT_STATE_READY`` and its enum's prefix."""
-    return name.removeprefix(prefix).lower().replace("_", " ")
 
 
 # -- predictions ---------------------------------------------------------------------
@@ -481,6 +476,11 @@ def answer_text(row: dict[str, npt.NDArray[np.float64]]) -> tuple[str, str]:
             return f"class {best}", f"class {best} ({values[best]:.2f})"
     text = "; ".join(f"{name}={np.array2string(v, precision=4)}" for name, v in row.items())
     return "values", text
+
+
+def _label(enum: object, value: int, prefix: str) -> str:
+    """``on demand`` for ``VERSION_ROLE_ON_DEMAND``."""
+    return out.enum_label(enum, value, prefix).replace("_", " ")
 
 
 def _model_name(text: str) -> str:

@@ -23,7 +23,7 @@ from conveyor.registry.v1 import resources_pb2 as pb
 from conveyor.services.optimizer.cli import source_name
 from conveyor.services.registry.authorization import GATE_VIOLATION
 from conveyor.services.registry.cli import CommandError, Session, model_name
-from conveyor.services.registry.cli_output import model_id
+from conveyor.services.registry.cli_output import message_dict, model_id, print_json
 from conveyor.shared.errors import FailedPreconditionError, from_rpc_error
 
 REFUSED_BY_GATES = "PROMOTION_REFUSED"
@@ -60,6 +60,7 @@ def add_arguments(
     )
     promote.add_argument("--to", default="production", metavar="ALIAS", help="default: production")
     promote.add_argument("--reason", required=True, help="why (recorded in the audit log)")
+    promote.add_argument("--json", action="store_true", help="print the alias (the API's message)")
     rollback = commands.add_parser(
         "rollback",
         parents=parents,
@@ -73,6 +74,7 @@ def add_arguments(
         "--to-version", type=int, metavar="N", help="default: the alias's previous version"
     )
     rollback.add_argument("--reason", required=True, help="why (recorded in the audit log)")
+    rollback.add_argument("--json", action="store_true", help="print the alias (the API's message)")
     return promote, rollback
 
 
@@ -83,9 +85,11 @@ async def promote(session: Session, args: argparse.Namespace) -> int:
     alias = await _alias(session, model, args.to)
     current = alias.version if alias else ""
     if current == version:
-        print(f"{model}@{args.to} already points at {version}")
+        print(f"{model}@{args.to} already points at {version}", file=sys.stderr)
+        if args.json and alias is not None:
+            print_json(message_dict(alias))
         return 0
-    return await _move(session, f"{model}/aliases/{args.to}", version, current, args.reason)
+    return await _move(session, f"{model}/aliases/{args.to}", version, current, args)
 
 
 async def rollback(session: Session, args: argparse.Namespace) -> int:
@@ -109,14 +113,18 @@ async def rollback(session: Session, args: argparse.Namespace) -> int:
             hint=f"name one: `conveyor rollback {model_id(model)} --to-version N`",
         )
     if target == alias.version:
-        print(f"{alias.name} already points at {target}")
+        print(f"{alias.name} already points at {target}", file=sys.stderr)
+        if args.json:
+            print_json(message_dict(alias))
         return 0
-    return await _move(session, alias.name, target, alias.version, args.reason)
+    return await _move(session, alias.name, target, alias.version, args)
 
 
-async def _move(session: Session, alias: str, version: str, expected: str, reason: str) -> int:
+async def _move(
+    session: Session, alias: str, version: str, expected: str, args: argparse.Namespace
+) -> int:
     request = rpc.SetAliasRequest(
-        name=alias, version=version, reason=reason, expected_version=expected or "-"
+        name=alias, version=version, reason=args.reason, expected_version=expected or "-"
     )
     try:
         reply = await session.registry.SetAlias(request, timeout=session.timeout)
@@ -126,6 +134,9 @@ async def _move(session: Session, alias: str, version: str, expected: str, reaso
             return _print_refusal(failure, alias, version)
         raise
     moved = reply.alias
+    if args.json:
+        print_json(message_dict(moved))
+        return 0
     was = f" (was {moved.previous_version})" if moved.previous_version else ""
     print(f"{moved.name} -> {moved.version}{was}, revision {moved.revision}")
     return 0

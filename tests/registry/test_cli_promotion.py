@@ -8,6 +8,7 @@ A gate's refusal, as printed, is tested with the whole suite
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -45,7 +46,8 @@ async def test_promote_moves_the_alias_and_rollback_moves_it_back(
     assert "-> models/churn/versions/3 (was models/churn/versions/1), revision 2" in second.out
     again = await conveyor(capsys, "promote", "churn@3", "--reason", "again", server=server)
     assert again.code == 0
-    assert again.out.strip() == "models/churn@production already points at models/churn/versions/3"
+    assert again.err.strip() == "models/churn@production already points at models/churn/versions/3"
+    assert again.out == ""
 
     back = await conveyor(capsys, "rollback", "churn", "--reason", "drift", server=server)
     assert back.code == 0, back.err
@@ -57,6 +59,13 @@ async def test_promote_moves_the_alias_and_rollback_moves_it_back(
     assert "-> models/churn/versions/2 (was models/churn/versions/1), revision 4" in pinned.out
     listed = await conveyor(capsys, "models", "alias", "list", "churn", "--json", server=server)
     assert '"version": "models/churn/versions/2"' in listed.out
+    scripted = await conveyor(
+        capsys, "rollback", "churn", "--json", "--reason", "script", server=server
+    )
+    alias = json.loads(scripted.out)
+    assert alias["version"] == "models/churn/versions/1"
+    assert alias["previous_version"] == "models/churn/versions/2"
+    assert alias["reason"] == "script"
 
 
 async def test_staging_takes_an_alias_promoted_by_alias(
