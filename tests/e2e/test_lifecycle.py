@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -41,6 +40,7 @@ from conveyor.services import catalog
 from conveyor.services.lifecycle import TRAFFIC_ROWS, steps
 from conveyor.shared.health import serving_status
 from conveyor.shared.ports import SERVICE_PORTS
+from tests.support.suite import free_base_port
 
 pytestmark = pytest.mark.slow
 
@@ -70,24 +70,6 @@ class Ran:
         call = grpc.access_token_call_credentials(token)
         credentials = grpc.composite_channel_credentials(grpc.local_channel_credentials(), call)
         return grpc.secure_channel(self.addresses[service], credentials)
-
-
-def free_base_port() -> int:
-    """N such that N+1 … N+7 are free on loopback now."""
-    for _ in range(50):
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            base = int(probe.getsockname()[1]) - 1
-        if base + 8 > 65535:
-            continue
-        try:
-            for offset in range(1, 8):
-                with socket.socket() as taken:
-                    taken.bind(("127.0.0.1", base + offset))
-        except OSError:
-            continue
-        return base
-    raise RuntimeError("no block of 7 free ports")
 
 
 @pytest.fixture(scope="module")

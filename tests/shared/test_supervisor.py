@@ -34,8 +34,8 @@ from conveyor.services.supervisor import (
     SupervisorPolicy,
 )
 from conveyor.shared.health import serving_status
-from conveyor.shared.ports import default_address
-from tests.support.suite import free_port
+from conveyor.shared.ports import SERVICE_PORTS
+from tests.support.suite import free_base_port, free_port
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -390,10 +390,11 @@ def _port_free(address: str) -> bool:
 @pytest.mark.slow
 def test_conveyor_up_restarts_a_killed_service_and_drains_on_sigint(tmp_path: Path) -> None:
     services = ("policy", "registry")
-    addresses = {name: default_address(name) for name in services}
-    busy = [a for a in addresses.values() if not _port_free(a)]
-    if busy:
-        pytest.skip(f"conveyor up needs its default ports, in use: {', '.join(busy)}")
+    base = free_base_port()  # never the default ports: a developer's suite may hold them
+    addresses = {
+        name: f"127.0.0.1:{base + SERVICE_PORTS[name] - min(SERVICE_PORTS.values()) + 1}"
+        for name in services
+    }
     out, err = tmp_path / "stdout", tmp_path / "stderr"
     with out.open("w") as stdout, err.open("w") as stderr:
         up = subprocess.Popen(
@@ -406,6 +407,8 @@ def test_conveyor_up_restarts_a_killed_service_and_drains_on_sigint(tmp_path: Pa
                 "registry,policy",
                 "--data-dir",
                 str(tmp_path / "data"),
+                "--base-port",
+                str(base),
             ],
             stdout=stdout,
             stderr=stderr,

@@ -54,6 +54,22 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
+def free_base_port() -> int:
+    """N such that N+1 … N+7 are free on loopback now (``conveyor up --base-port``)."""
+    for _ in range(50):
+        base = free_port() - 1
+        if base + 8 > 65535:
+            continue
+        try:
+            for offset in range(1, 8):
+                with socket.socket() as taken:
+                    taken.bind(("127.0.0.1", base + offset))
+        except OSError:
+            continue
+        return base
+    raise RuntimeError("no block of 7 free ports")
+
+
 @dataclass
 class Suite:
     """Running registry and policy servers and a token issuer for people."""
