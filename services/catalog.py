@@ -31,6 +31,11 @@ IMPLEMENTED: tuple[str, ...] = (
 """Services that have a server, in start-up order (a service starts after the
 services it asks on every call: policy first); later issues add theirs here."""
 
+STARTED_ALONE: tuple[str, ...] = ("policy", "registry")
+"""Services ``conveyor up`` starts one at a time, each once the one before is
+ready: every other service asks them on every call. The others start together
+after them (they call each other only while serving requests)."""
+
 
 SettingsT = TypeVar("SettingsT", bound=ServiceSettings)
 

@@ -633,7 +633,16 @@ def _up(args: argparse.Namespace) -> int:
     logs: Path | None = args.logs or (data_dir / "logs" if args.lifecycle else None)
     try:
         children = [
-            _child(name, address=addresses[name], data_dir=data_dir, logs=logs) for name in services
+            _child(
+                name,
+                address=addresses[name],
+                data_dir=data_dir,
+                logs=logs,
+                with_previous=index > 0
+                and name not in catalog.STARTED_ALONE
+                and services[index - 1] not in catalog.STARTED_ALONE,
+            )
+            for index, name in enumerate(services)
         ]
     except ValueError as error:  # pydantic's ValidationError: a bad CONVEYOR_* variable
         print(f"conveyor up: {error}", file=sys.stderr)
@@ -666,9 +675,12 @@ def _up(args: argparse.Namespace) -> int:
         return supervisor.run(on_ready=announce)
 
 
-def _child(name: str, *, address: str, data_dir: Path, logs: Path | None) -> ChildSpec:
+def _child(
+    name: str, *, address: str, data_dir: Path, logs: Path | None, with_previous: bool
+) -> ChildSpec:
     """How ``conveyor up`` runs ``name``: ``conveyor serve`` in a child process,
-    killed when its own drain (its settings' delay and grace) overruns."""
+    killed when its own drain (its settings' delay and grace) overruns; started
+    together with the service before it when ``with_previous``."""
     settings = catalog.load(name).settings_class(listen=address, data_dir=data_dir)
     drain_s = (settings.shutdown_delay + settings.shutdown_grace).total_seconds()
     return ChildSpec(
@@ -688,6 +700,7 @@ def _child(name: str, *, address: str, data_dir: Path, logs: Path | None) -> Chi
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
         drain_timeout_s=drain_s + DRAIN_MARGIN_S,
         log_file=None if logs is None else logs / f"{name}.log",
+        starts_with_previous=with_previous,
     )
 
 

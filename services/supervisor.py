@@ -74,6 +74,10 @@ class ChildSpec:
     log_file: Path | None = None
     """Where its stdout and stderr go, appended (``None``: this process's)."""
 
+    starts_with_previous: bool = False
+    """Start it together with the child before it instead of once that one is
+    ready (a wave of children that need only what started earlier)."""
+
 
 @dataclass(frozen=True)
 class SupervisorPolicy:
@@ -278,19 +282,36 @@ class Supervisor:
 
     def _start_in_order(self) -> bool:
         """False when a child's first start failed; True when all are ready or a
-        stop was requested."""
-        for index, child in enumerate(self._children):
-            self._spawn(child, time.monotonic())
-            while child.state is _State.STARTING and not self._stop_requests:
+        stop was requested. Children start in waves, each once the one before
+        is ready (see :attr:`ChildSpec.starts_with_previous`)."""
+        started = 0
+        for wave in self._waves():
+            for child in wave:
+                self._spawn(child, time.monotonic())
+            started += len(wave)
+            while (
+                any(child.state is _State.STARTING for child in wave)
+                and not any(child.state is _State.FAILED for child in wave)
+                and not self._stop_requests
+            ):
                 time.sleep(self.policy.poll_interval_s)
-                # Those started before it are supervised meanwhile.
-                for earlier in self._children[: index + 1]:
+                # Those started before are supervised meanwhile.
+                for earlier in self._children[:started]:
                     self._step(earlier, time.monotonic())
             if self._stop_requests:
                 return True
-            if child.state is _State.FAILED:
+            if any(child.state is _State.FAILED for child in wave):
                 return False
         return True
+
+    def _waves(self) -> list[list[_Child]]:
+        waves: list[list[_Child]] = []
+        for child in self._children:
+            if waves and child.spec.starts_with_previous:
+                waves[-1].append(child)
+            else:
+                waves.append([child])
+        return waves
 
     def _supervise(self) -> None:
         while not self._stop_requests:

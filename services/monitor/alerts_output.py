@@ -11,7 +11,7 @@ from conveyor.services.trainer.cli_output import plural
 
 
 def alert_cells(alert: pb.Alert) -> list[str]:
-    """One row of ``alerts list``, in :data:`~conveyor.services.monitor.alerts_cli.ALERT_COLUMNS` order."""
+    """One row of ``alerts list`` (columns: ``alerts_cli.ALERT_COLUMNS``)."""
     return [
         short_name(alert.name),
         out.enum_label(pb.AlertState, alert.state, "ALERT_STATE_"),
@@ -76,7 +76,7 @@ def event_line(event: rpc.WatchAlertsResponse) -> str:
 
 
 def rule_cells(rule: pb.AlertRule) -> list[str]:
-    """One row of ``alerts rules list``, in :data:`~conveyor.services.monitor.alerts_cli.RULE_COLUMNS` order."""
+    """One row of ``alerts rules list`` (columns: ``alerts_cli.RULE_COLUMNS``)."""
     return [
         short_name(rule.name),
         out.model_id(rule.model),

@@ -256,6 +256,37 @@ def test_children_start_in_order_once_serving_and_a_failed_first_start_stops_all
     assert "exited with code 2 at its first start; stopping" in reports[1]
 
 
+def test_a_wave_starts_together_once_the_child_before_it_is_ready() -> None:
+    ports = [free_port() for _ in range(4)]
+    servers = [
+        ChildSpec(
+            name,
+            python(HEALTH_SERVER, f"127.0.0.1:{port}"),
+            f"127.0.0.1:{port}",
+            starts_with_previous=together,
+        )
+        for name, port, together in zip(
+            ("base", "a", "b", "last"), ports, (False, False, True, False), strict=True
+        )
+    ]
+    supervisor = Supervisor(servers, FAST, report=lambda _: None)
+    events: list[tuple[str, EventKind]] = []
+
+    def stop_once_ready() -> None:
+        events.extend((e.service, e.kind) for e in supervisor.events)
+        supervisor.request_stop()
+
+    assert supervisor.run(on_ready=stop_once_ready) == 0
+    started = [(service, kind) for service, kind in events if kind is EventKind.STARTED]
+    assert [service for service, _ in started] == ["base", "a", "b", "last"]
+    order = [f"{service}:{kind.name}" for service, kind in events]
+    # a and b both start once base is ready, before either of them is; last
+    # waits for both.
+    assert order.index("base:READY") < order.index("a:STARTED")
+    assert order.index("b:STARTED") < min(order.index("a:READY"), order.index("b:READY"))
+    assert max(order.index("a:READY"), order.index("b:READY")) < order.index("last:STARTED")
+
+
 def test_sigterm_drains_every_child_and_exits_0(tmp_path: Path) -> None:
     polite = textwrap.dedent(
         """
