@@ -285,23 +285,35 @@ def run(args: argparse.Namespace, conveyor: Callable[[Sequence[str]], int]) -> i
 
 
 def print_how_to_call(model: str, data_dir: Path) -> None:
-    """The three ways a backend calls the served model."""
+    """The ways a backend or a person calls the served model."""
     inference = os.environ.get("CONVEYOR_INFERENCE_ADDR", f"127.0.0.1:{SERVICE_PORTS['inference']}")
     token_file = data_dir / "credentials" / "alice.token"
     token = f"$(cat {token_file})"
+    conveyor, grpcurl = _installed("conveyor"), _installed("grpcurl")
     print(
         f"\nConveyor keeps serving {model}@production at {inference} until Ctrl-C. Call it:\n"
-        f"  CLI:           CONVEYOR_TOKEN_FILE={token_file} conveyor predict "
+        f"  CLI:           CONVEYOR_TOKEN_FILE={token_file} {conveyor} predict "
         f"{model} --values <30 numbers>\n"
         f"  Python:        conveyor.shared.client.ConveyorClient (README: Calling Conveyor "
         f"from a backend)\n"
-        f'  grpcurl:       grpcurl -plaintext -H "authorization: Bearer {token}" '
+        f'  grpcurl:       {grpcurl} -plaintext -H "authorization: Bearer {token}" '
         f'-d \'{{"name": "{model}"}}\' {inference} '
         f"inference.GRPCInferenceService/ModelMetadata\n"
         f'  tritonclient:  tritonclient.grpc.InferenceServerClient("{inference}")'
         f'.infer("{model}", inputs, headers={{"authorization": "Bearer <token>"}})',
         flush=True,
     )
+
+
+def _installed(command: str) -> str:
+    """``command`` as this shell can run it: the virtual environment's, relative to
+    the working directory when it is below it (``.venv/bin/conveyor``)."""
+    path = Path(sys.executable).parent / command
+    if not path.exists():
+        return command
+    with contextlib.suppress(ValueError):
+        return str(path.relative_to(Path.cwd()))
+    return str(path)
 
 
 @contextlib.contextmanager
