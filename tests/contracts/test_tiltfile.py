@@ -745,3 +745,31 @@ def _wait_for_port(port: int, server: subprocess.Popen[bytes], log: Path, timeou
                 return
         assert time.monotonic() < deadline, f"not listening after {timeout_s} s"
         time.sleep(0.1)
+
+
+def test_the_readme_documents_every_local_resource_command() -> None:
+    """Each command Tilt runs, as the README's Local development section gives it
+    (``<service>`` and ``<port>`` for the services' own)."""
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("## Local development") : readme.index("## Tests")]
+    prose = " ".join(section.split())  # commands may wrap across lines
+    tilt = evaluate_tiltfile(installed=["vault", "otelcol-contrib", "jaeger"])
+    documented = []
+    for name, options in tilt.resources.items():
+        command = options.get("serve_cmd") or options.get("cmd")
+        assert isinstance(command, str), name
+        command = command.removeprefix(".venv/bin/")
+        if name in catalog.ALL_SERVICES:
+            command = command.replace(f" {name} ", " <service> ").replace(
+                f":{SERVICE_PORTS[name]}", ":<port>"
+            )
+        # The README names a command by its program and first arguments; options
+        # such as a dev server's listen address are described in the prose.
+        words = command.split()
+        head = " ".join(words[: 4 if words[0] == "conveyor" else 3])
+        assert head in prose, f"{name}: README does not show `{head}`"
+        documented.append(name)
+    assert {"install", "protos", "credentials", "vault", "otel-collector", "jaeger"} <= set(
+        documented
+    )
+    assert "tilt up -- --mode=k8s" in prose
