@@ -51,7 +51,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
 import grpc
-import pydantic
 
 from conveyor.explainer.v1 import explainer_messages_pb2 as rpc
 from conveyor.explainer.v1 import explainer_service_pb2, explainer_service_pb2_grpc
@@ -62,9 +61,8 @@ from conveyor.registry.v1 import resources_pb2 as registry_pb
 from conveyor.services.monitor.cli import version_name
 from conveyor.services.optimizer.cli import seconds
 from conveyor.services.registry import cli_output as out
-from conveyor.services.registry.cli import REGISTRY_SERVICE, CommandError
+from conveyor.services.registry.cli import REGISTRY_SERVICE, CommandError, reported
 from conveyor.services.trainer.cli import (
-    EXIT_INTERRUPTED,
     MAX_INT32,
     UsageError,
     named_flags,
@@ -285,34 +283,23 @@ def run(command: Command, args: argparse.Namespace) -> int:
     """Runs ``command`` against the registry and the explainer; every expected
     failure exits 1, flags that do not go together 2."""
     target = getattr(args, "explainer", None) or "the explainer"
-    registry = getattr(args, "registry", None) or "the registry"
-    try:
+
+    def call() -> int:
+        nonlocal target
         settings = ClientSettings()
         target = args.explainer or settings.explainer_addr
         registry = args.registry or settings.registry_addr
-        return asyncio.run(_with_session(command, args, settings, target, registry))
-    except UsageError as error:
-        print(f"conveyor {args.command}: error: {error}", file=sys.stderr)
-        return 2
-    except RegistryCallError as error:
-        failure = from_rpc_error(error.error)
-        return out.report(failure, out.hint(failure.code, model=_model(args), target=registry))
-    except grpc.RpcError as error:
-        failure = from_rpc_error(error)
-    except ConveyorError as error:
-        failure = error
-    except CommandError as error:
-        print(f"conveyor: {error.code}: {error.message}", file=sys.stderr)
-        if error.hint:
-            print(f"hint: {error.hint}", file=sys.stderr)
-        return 1
-    except (OSError, pydantic.ValidationError) as error:
-        print(f"conveyor: {error}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("\nconveyor: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    return out.report(failure, hint(failure, args, target=target))
+        try:
+            return asyncio.run(_with_session(command, args, settings, target, registry))
+        except UsageError as error:
+            print(f"conveyor {args.command}: error: {error}", file=sys.stderr)
+            return 2
+        except RegistryCallError as error:
+            failure = from_rpc_error(error.error)
+            advice = out.hint(failure.code, model=_model(args), target=registry)
+            return out.report(failure, advice)
+
+    return reported(call, lambda failure: hint(failure, args, target=target))
 
 
 async def _with_session(

@@ -41,7 +41,6 @@ from typing import TYPE_CHECKING, Final
 import grpc
 import numpy as np
 import numpy.typing as npt
-import pydantic
 
 from conveyor.inference.v1 import inference_messages_pb2 as rpc
 from conveyor.inference.v1 import inference_service_pb2, inference_service_pb2_grpc
@@ -50,9 +49,9 @@ from conveyor.oip.v2 import grpc_service_pb2 as oip
 from conveyor.oip.v2 import grpc_service_pb2_grpc
 from conveyor.services.explainer.cli import row_values
 from conveyor.services.registry import cli_output as out
-from conveyor.services.registry.cli import CommandError
-from conveyor.services.trainer.cli import EXIT_INTERRUPTED, positive
-from conveyor.shared.errors import ConveyorError, from_rpc_error
+from conveyor.services.registry.cli import CommandError, reported
+from conveyor.services.trainer.cli import positive
+from conveyor.shared.errors import ConveyorError
 from conveyor.shared.settings import ClientSettings
 
 if TYPE_CHECKING:
@@ -193,26 +192,14 @@ def _usage(parser: argparse.ArgumentParser) -> int:
 def run(command: Command, args: argparse.Namespace) -> int:
     """Runs ``command`` against inference; every expected failure exits 1."""
     target = getattr(args, "inference", None) or "inference"
-    try:
+
+    def call() -> int:
+        nonlocal target
         settings = ClientSettings()
         target = args.inference or settings.inference_addr
         return asyncio.run(_with_session(command, args, settings, target))
-    except grpc.RpcError as error:
-        failure = from_rpc_error(error)
-    except ConveyorError as error:
-        failure = error
-    except CommandError as error:
-        print(f"conveyor: {error.code}: {error.message}", file=sys.stderr)
-        if error.hint:
-            print(f"hint: {error.hint}", file=sys.stderr)
-        return 1
-    except (OSError, pydantic.ValidationError) as error:
-        print(f"conveyor: {error}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("\nconveyor: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    return out.report(failure, hint(failure, args, target=target))
+
+    return reported(call, lambda failure: hint(failure, args, target=target))
 
 
 async def _with_session(

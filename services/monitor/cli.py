@@ -36,17 +36,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
 import grpc
-import pydantic
 
 from conveyor.monitor.v1 import monitor_messages_pb2 as rpc
 from conveyor.monitor.v1 import monitor_service_pb2, monitor_service_pb2_grpc
 from conveyor.monitor.v1 import resources_pb2 as pb
 from conveyor.services.optimizer.cli import seconds, source_name
 from conveyor.services.registry import cli_output as out
-from conveyor.services.registry.cli import CommandError
-from conveyor.services.trainer.cli import EXIT_INTERRUPTED, whole_number
+from conveyor.services.registry.cli import CommandError, reported
+from conveyor.services.trainer.cli import whole_number
 from conveyor.services.trainer.cli_output import plural
-from conveyor.shared.errors import ConveyorError, from_rpc_error
+from conveyor.shared.errors import ConveyorError
 from conveyor.shared.settings import ClientSettings
 
 if TYPE_CHECKING:
@@ -199,26 +198,14 @@ def drift_request(
 def run(command: Command, args: argparse.Namespace) -> int:
     """Runs ``command`` against the monitor; every expected failure exits 1."""
     target = getattr(args, "monitor", None) or "the monitor"
-    try:
+
+    def call() -> int:
+        nonlocal target
         settings = ClientSettings()
         target = args.monitor or settings.monitor_addr
         return asyncio.run(_with_session(command, args, settings, target))
-    except grpc.RpcError as error:
-        failure = from_rpc_error(error)
-    except ConveyorError as error:
-        failure = error
-    except CommandError as error:
-        print(f"conveyor: {error.code}: {error.message}", file=sys.stderr)
-        if error.hint:
-            print(f"hint: {error.hint}", file=sys.stderr)
-        return 1
-    except (OSError, pydantic.ValidationError) as error:
-        print(f"conveyor: {error}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("\nconveyor: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    return out.report(failure, hint(failure, args, target=target))
+
+    return reported(call, lambda failure: hint(failure, args, target=target))
 
 
 async def _with_session(

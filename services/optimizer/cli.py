@@ -33,9 +33,6 @@ from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Final
 
-import grpc
-import pydantic
-
 from conveyor.optimizer.v1 import optimizer_messages_pb2 as rpc
 from conveyor.optimizer.v1 import optimizer_service_pb2, optimizer_service_pb2_grpc
 from conveyor.optimizer.v1 import resources_pb2 as pb
@@ -43,9 +40,8 @@ from conveyor.services.optimizer import cli_output as opt_out
 from conveyor.services.optimizer.cli_hints import hint
 from conveyor.services.optimizer.cli_output import TERMINAL, OptimizationView, job_id, job_name
 from conveyor.services.registry import cli_output as out
-from conveyor.services.registry.cli import pages_up_to
+from conveyor.services.registry.cli import EXIT_INTERRUPTED, pages_up_to, reported
 from conveyor.services.trainer.cli import (
-    EXIT_INTERRUPTED,
     LIST_PAGE_SIZE,
     MAX_INT32,
     MIN_INT32,
@@ -54,7 +50,7 @@ from conveyor.services.trainer.cli import (
 )
 from conveyor.services.trainer.cli_output import code_name
 from conveyor.shared import names
-from conveyor.shared.errors import ConveyorError, from_rpc_error
+from conveyor.shared.errors import ConveyorError
 from conveyor.shared.settings import ClientSettings
 
 if TYPE_CHECKING:
@@ -365,24 +361,21 @@ def run(command: Command, args: argparse.Namespace) -> int:
     """Runs ``command`` against the optimizer; every expected failure exits 1."""
     following = Following()
     target = getattr(args, "optimizer", None) or "the optimizer"
-    try:
+
+    def call() -> int:
+        nonlocal target
         settings = ClientSettings()
         target = args.optimizer or settings.optimizer_addr
-        return asyncio.run(_with_session(command, args, settings, target, following))
-    except UsageError as error:
-        print(f"conveyor {args.command}: error: {error}", file=sys.stderr)
-        return 2
-    except grpc.RpcError as error:
-        failure = from_rpc_error(error)
-    except ConveyorError as error:
-        failure = error
-    except (OSError, pydantic.ValidationError) as error:
-        print(f"conveyor: {error}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        _interrupted(following)
-        return EXIT_INTERRUPTED
-    return out.report(failure, hint(failure, args, target=target, job=following.job))
+        try:
+            return asyncio.run(_with_session(command, args, settings, target, following))
+        except UsageError as error:
+            print(f"conveyor {args.command}: error: {error}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            _interrupted(following)
+            return EXIT_INTERRUPTED
+
+    return reported(call, lambda failure: hint(failure, args, target=target, job=following.job))
 
 
 async def _with_session(

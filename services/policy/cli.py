@@ -17,7 +17,6 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 import grpc
-import pydantic
 from google.protobuf import json_format
 
 from conveyor.policy.v1 import policy_messages_pb2 as rpc
@@ -27,7 +26,8 @@ from conveyor.services.policy.audit import VerificationResult
 from conveyor.services.policy.audit_export import verify_export_file, write_export
 from conveyor.services.policy.servicer import verification_response
 from conveyor.services.registry import cli_output as out
-from conveyor.shared.errors import ConveyorError, from_rpc_error
+from conveyor.services.registry.cli import reported
+from conveyor.shared.errors import ConveyorError
 from conveyor.shared.settings import ClientSettings
 
 if TYPE_CHECKING:
@@ -64,21 +64,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(command: PolicyCommand, args: argparse.Namespace) -> int:
     """Runs ``command`` against the policy service; every expected failure exits 1."""
-    try:
+
+    def call() -> int:
         settings = ClientSettings()
         target = args.policy or settings.policy_addr
         return asyncio.run(_with_stub(command, args, settings, target))
-    except grpc.RpcError as error:
-        failure = from_rpc_error(error)
-    except ConveyorError as error:
-        failure = error
-    except (OSError, pydantic.ValidationError) as error:
-        print(f"conveyor: {error}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("conveyor: interrupted", file=sys.stderr)
-        return 130
-    return out.report(failure, _HINTS.get(failure.code, ""))
+
+    return reported(call, lambda failure: _HINTS.get(failure.code, ""))
 
 
 def verify_offline(args: argparse.Namespace) -> int:

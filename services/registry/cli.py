@@ -68,25 +68,27 @@ class Session:
     """Deadline of a whole upload or download, in seconds."""
 
 
+EXIT_INTERRUPTED = 130
+"""The exit code of a command stopped with Ctrl-C (128 + SIGINT), as shells use."""
+
 TRANSFER_TIMEOUT_S = 3600.0
 """Deadline of an upload or download when ``--timeout`` is not given."""
 
 Command = Callable[[Session, argparse.Namespace], Awaitable[int]]
 
 
-def run(command: Command, args: argparse.Namespace) -> int:
-    """Runs ``command`` against the registry; maps every expected failure to exit 1."""
-    target = args.registry or "the registry"
+def reported(call: Callable[[], int], hint_for: Callable[[ConveyorError], str]) -> int:
+    """Runs one command (``call`` opens its channels and runs it) and prints
+    every expected failure the way all commands do: a failed call as
+    ``conveyor: <CODE>: <message>``, its field violations and what ``hint_for``
+    advises, exit 1; a :class:`CommandError` likewise; a local error (a file,
+    a setting) on one line, exit 1; Ctrl-C, exit 130. Never a traceback."""
     try:
-        settings = ClientSettings()
-        target = args.registry or settings.registry_addr
-        return asyncio.run(_with_session(command, args, settings, target))
+        return call()
     except grpc.RpcError as error:
-        failure, hint = from_rpc_error(error), ""
-    except HintedRpcError as error:
-        failure, hint = from_rpc_error(error.error), error.hint
+        failure = from_rpc_error(error)
     except ConveyorError as error:
-        failure, hint = error, ""
+        failure = error
     except CommandError as error:
         print(f"conveyor: {error.code}: {error.message}", file=sys.stderr)
         if error.hint:
@@ -96,10 +98,27 @@ def run(command: Command, args: argparse.Namespace) -> int:
         print(f"conveyor: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("conveyor: interrupted", file=sys.stderr)
-        return 130
+        print("\nconveyor: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    return out.report(failure, hint_for(failure))
+
+
+def run(command: Command, args: argparse.Namespace) -> int:
+    """Runs ``command`` against the registry; maps every expected failure to exit 1."""
+    target = args.registry or "the registry"
     model = getattr(args, "model", None) or _model_of(getattr(args, "reference", ""))
-    return out.report(failure, hint or out.hint(failure.code, model=model, target=target))
+
+    def call() -> int:
+        nonlocal target
+        settings = ClientSettings()
+        target = args.registry or settings.registry_addr
+        try:
+            return asyncio.run(_with_session(command, args, settings, target))
+        except HintedRpcError as error:
+            failure = from_rpc_error(error.error)
+            return out.report(failure, error.hint)
+
+    return reported(call, lambda failure: out.hint(failure.code, model=model, target=target))
 
 
 # -- models ------------------------------------------------------------------

@@ -37,13 +37,12 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import grpc
-import pydantic
 
 from conveyor.services.registry import cli_output as out
-from conveyor.services.registry.cli import pages_up_to
+from conveyor.services.registry.cli import EXIT_INTERRUPTED, pages_up_to, reported
 from conveyor.services.trainer import cli_output as job_out
 from conveyor.services.trainer.cli_output import TERMINAL, ProgressView, job_id, sweep_id
-from conveyor.shared.errors import ConveyorError, InvalidArgumentError, from_rpc_error
+from conveyor.shared.errors import ConveyorError, InvalidArgumentError
 from conveyor.shared.settings import ClientSettings
 from conveyor.trainer.v1 import resources_pb2 as pb
 from conveyor.trainer.v1 import trainer_messages_pb2 as rpc
@@ -66,7 +65,6 @@ MIN_INT32: Final = -(2**31)
 MAX_INT32: Final = 2**31 - 1
 MAX_UINT64: Final = 2**64 - 1
 LIST_PAGE_SIZE: Final = 100
-EXIT_INTERRUPTED: Final = 130
 
 FLAGS: Final = (
     # The flag behind each spec field the trainer may refuse, most specific first.
@@ -463,25 +461,22 @@ def run(command: Command, args: argparse.Namespace, *, sweep_hint: Hint | None =
     """
     following = Following(sweep=sweep_hint is not None)
     target = getattr(args, "trainer", None) or "the trainer"
-    try:
+
+    def call() -> int:
+        nonlocal target
         settings = ClientSettings()
         target = args.trainer or settings.trainer_addr
-        return asyncio.run(_with_session(command, args, settings, target, following))
-    except UsageError as error:
-        print(f"conveyor {args.command}: error: {error}", file=sys.stderr)
-        return 2
-    except grpc.RpcError as error:
-        failure = from_rpc_error(error)
-    except ConveyorError as error:
-        failure = error
-    except (OSError, pydantic.ValidationError) as error:
-        print(f"conveyor: {error}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        _interrupted(following)
-        return EXIT_INTERRUPTED
-    advice = (sweep_hint or hint)(failure, args, target=target, following=following)
-    return out.report(failure, advice)
+        try:
+            return asyncio.run(_with_session(command, args, settings, target, following))
+        except UsageError as error:
+            print(f"conveyor {args.command}: error: {error}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            _interrupted(following)
+            return EXIT_INTERRUPTED
+
+    advise = sweep_hint or hint
+    return reported(call, lambda failure: advise(failure, args, target=target, following=following))
 
 
 async def _with_session(
