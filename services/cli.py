@@ -173,7 +173,7 @@ def _add_models_commands(commands: _Subparsers[argparse.ArgumentParser]) -> None
     )
     client.add_argument(
         "--timeout",
-        type=_seconds,
+        type=optimizer_cli.seconds,
         metavar="SECONDS",
         help="deadline per call (default: 30; uploads and downloads: 3600)",
     )
@@ -280,7 +280,9 @@ def _add_alias_commands(
 def _add_promotion_commands(commands: _Subparsers[argparse.ArgumentParser]) -> None:
     client = argparse.ArgumentParser(add_help=False)
     client.add_argument("--registry", metavar="HOST:PORT", help="registry address")
-    client.add_argument("--timeout", type=_seconds, metavar="SECONDS", help="default: 30")
+    client.add_argument(
+        "--timeout", type=optimizer_cli.seconds, metavar="SECONDS", help="default: 30"
+    )
     promote, rollback = cli_promotion.add_arguments(commands, parents=[client])
     promote.set_defaults(handler=partial(registry_cli.run, cli_promotion.promote))
     rollback.set_defaults(handler=partial(registry_cli.run, cli_promotion.rollback))
@@ -503,16 +505,6 @@ def _usage(parser: argparse.ArgumentParser) -> Handler:
         return 2
 
     return print_usage
-
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
-    return value
 
 
 def _health(address: str, *, service: str) -> int:

@@ -48,6 +48,7 @@ from conveyor.inference.v1 import resources_pb2 as pb
 from conveyor.oip.v2 import grpc_service_pb2 as oip
 from conveyor.oip.v2 import grpc_service_pb2_grpc
 from conveyor.services.explainer.cli import row_values
+from conveyor.services.optimizer.cli import seconds
 from conveyor.services.registry import cli_output as out
 from conveyor.services.registry.cli import CommandError, reported
 from conveyor.services.trainer.cli import positive
@@ -93,7 +94,7 @@ def add_client_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--timeout",
-        type=positive_seconds,
+        type=seconds,
         metavar="SECONDS",
         help="deadline of each call (default: 30)",
     )
@@ -140,9 +141,7 @@ def add_commands(
         metavar="N",
         help="wait until version N takes all the traffic (bounded by --wait)",
     )
-    status.add_argument(
-        "--wait", type=positive_seconds, default=60.0, metavar="SECONDS", help="default: 60"
-    )
+    status.add_argument("--wait", type=seconds, default=60.0, metavar="SECONDS", help="default: 60")
     status.add_argument("--json", action="store_true", help="print the API's message")
     status.set_defaults(handler=lambda args: run(deployment_status, args))
     predict = commands.add_parser(
@@ -168,17 +167,6 @@ def add_commands(
     predict.add_argument("--show", action="store_true", help="with --csv: print every row")
     predict.add_argument("--json", action="store_true", help="one JSON object per row")
     predict.set_defaults(handler=lambda args: run(predict_rows, args))
-
-
-def positive_seconds(text: str) -> float:
-    """A positive number of seconds."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
-    return value
 
 
 def _usage(parser: argparse.ArgumentParser) -> int:
