@@ -255,6 +255,67 @@ def status_trailing_metadata(status: status_pb2.Status) -> tuple[tuple[str, byte
     return ((STATUS_DETAILS_METADATA_KEY, status.SerializeToString()),)
 
 
+MAX_MESSAGE_BYTES = 512
+"""Longest status message a server sends (UTF-8): gRPC sends it percent-encoded
+in a header."""
+MAX_STATUS_BYTES = 4096
+"""Largest serialized ``google.rpc.Status`` a server sends (base64 in a header)."""
+MAX_TEXT_BYTES = 256
+"""Longest field path, description or metadata value in an oversized status."""
+
+
+def bounded_status(status: status_pb2.Status) -> status_pb2.Status:
+    """``status`` as a server sends it: unchanged when small; otherwise with its
+    texts shortened (they quote request values, which may be megabytes) and, if
+    still too large, its last violations left out. Clients refuse headers past
+    8 to 16 KiB: an error quoting a huge value would reach the caller as a
+    RESOURCE_EXHAUSTED about metadata size instead of this status."""
+    if status.ByteSize() <= MAX_STATUS_BYTES and len(status.message.encode()) <= MAX_MESSAGE_BYTES:
+        return status
+    info = error_details_pb2.ErrorInfo()
+    bad_request = error_details_pb2.BadRequest()
+    failure = error_details_pb2.PreconditionFailure()
+    kept: list[Any] = []
+    for detail in status.details:
+        if detail.Unpack(info):
+            for key in info.metadata:
+                info.metadata[key] = _clip(info.metadata[key], MAX_TEXT_BYTES)
+            kept.append(info)
+        elif detail.Unpack(bad_request):
+            for field_violation in bad_request.field_violations:
+                field_violation.field = _clip(field_violation.field, MAX_TEXT_BYTES)
+                field_violation.description = _clip(field_violation.description, MAX_TEXT_BYTES)
+            kept.append(bad_request)
+        elif detail.Unpack(failure):
+            for violation in failure.violations:
+                violation.subject = _clip(violation.subject, MAX_TEXT_BYTES)
+                violation.description = _clip(violation.description, MAX_TEXT_BYTES)
+            kept.append(failure)
+
+    def packed() -> status_pb2.Status:
+        message = _clip(status.message, MAX_MESSAGE_BYTES)
+        return status_pb2.Status(code=status.code, message=message, details=map(_pack, kept))
+
+    bounded = packed()
+    while bounded.ByteSize() > MAX_STATUS_BYTES:
+        if len(bad_request.field_violations) > 1:
+            del bad_request.field_violations[-1]
+        elif len(failure.violations) > 1:
+            del failure.violations[-1]
+        else:
+            break
+        bounded = packed()
+    return bounded
+
+
+def _clip(text: str, limit: int) -> str:
+    """``text`` cut to ``limit`` UTF-8 bytes, ending in an ellipsis when cut."""
+    data = text.encode()
+    if len(data) <= limit:
+        return text
+    return data[: limit - 3].decode(errors="ignore") + "\u2026"
+
+
 def rich_status(error: grpc.aio.AioRpcError | grpc.RpcError) -> status_pb2.Status | None:
     """The ``google.rpc.Status`` a server attached to a failed call, if any."""
     if not isinstance(error, _CALL_ERRORS):
@@ -336,6 +397,7 @@ __all__ = [
     "ResourceExhaustedError",
     "UnauthenticatedError",
     "UnavailableError",
+    "bounded_status",
     "from_rpc_error",
     "rich_status",
     "status_trailing_metadata",

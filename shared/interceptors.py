@@ -42,7 +42,12 @@ from opentelemetry import propagate, trace
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
 from conveyor.shared.deadlines import serving_deadline
-from conveyor.shared.errors import ConveyorError, InternalError, status_trailing_metadata
+from conveyor.shared.errors import (
+    ConveyorError,
+    InternalError,
+    bounded_status,
+    status_trailing_metadata,
+)
 from conveyor.shared.telemetry import records_spans
 
 logger = logging.getLogger(__name__)
@@ -194,10 +199,9 @@ async def abort_with_error(
     context: grpc.aio.ServicerContext[Any, Any], error: ConveyorError
 ) -> None:
     """End the call with ``error``'s code, message and rich details."""
+    status = bounded_status(error.to_status())
     await context.abort(
-        error.code,
-        error.message,
-        trailing_metadata=status_trailing_metadata(error.to_status()),
+        error.code, status.message, trailing_metadata=status_trailing_metadata(status)
     )
 
 

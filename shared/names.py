@@ -16,10 +16,10 @@ from dataclasses import dataclass
 from conveyor.shared.errors import FieldViolation, InvalidArgumentError
 
 ID_PATTERN = r"[a-z](?:[a-z0-9-]{0,61}[a-z0-9])?"
-_ID = re.compile(rf"^{ID_PATTERN}$")
-_MODEL = re.compile(rf"^models/(?P<model>{ID_PATTERN})$")
-_VERSION = re.compile(rf"^models/(?P<model>{ID_PATTERN})/versions/(?P<version>[1-9][0-9]{{0,9}})$")
-_ALIAS = re.compile(rf"^models/(?P<model>{ID_PATTERN})@(?P<alias>{ID_PATTERN})$")
+_ID = re.compile(rf"^{ID_PATTERN}\Z")
+_MODEL = re.compile(rf"^models/(?P<model>{ID_PATTERN})\Z")
+_VERSION = re.compile(rf"^models/(?P<model>{ID_PATTERN})/versions/(?P<version>[1-9][0-9]{{0,9}})\Z")
+_ALIAS = re.compile(rf"^models/(?P<model>{ID_PATTERN})@(?P<alias>{ID_PATTERN})\Z")
 
 COLLECTIONS = (
     "models",

@@ -25,6 +25,7 @@ from conveyor.shared.errors import (
     raise_if_any,
 )
 from conveyor.shared.names import parse_model_name, parse_model_version_ref
+from conveyor.shared.wellknown import to_timedelta
 
 MAX_TARGETS: Final = 8
 MAX_BATCH_SIZE: Final = 4096
@@ -87,8 +88,8 @@ def check_deployment(deployment: pb.Deployment) -> str:
         violations, "deployment.batching.max_queue_size", batching.max_queue_size, 0, MAX_QUEUE_SIZE
     )
     if batching.HasField("max_queue_delay"):
-        delay = batching.max_queue_delay.ToTimedelta()
-        if not timedelta(0) <= delay <= MAX_QUEUE_DELAY:
+        delay = to_timedelta(batching.max_queue_delay)
+        if delay is None or not timedelta(0) <= delay <= MAX_QUEUE_DELAY:
             violations.append(
                 FieldViolation("deployment.batching.max_queue_delay", "0 to 1 second")
             )
@@ -119,8 +120,8 @@ def check_deployment(deployment: pb.Deployment) -> str:
             0,
             MAX_ON_DEMAND_VERSIONS,
         )
-    idle = deployment.on_demand_idle_timeout
-    if deployment.HasField("on_demand_idle_timeout") and idle.ToTimedelta() <= timedelta(0):
+    idle = to_timedelta(deployment.on_demand_idle_timeout)
+    if deployment.HasField("on_demand_idle_timeout") and (idle is None or idle <= timedelta(0)):
         violations.append(
             FieldViolation("deployment.on_demand_idle_timeout", "a positive duration")
         )

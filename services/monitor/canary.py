@@ -80,7 +80,7 @@ DEFAULT_LARGE_REFERENCE_ROWS: Final = DEFAULT_CONFIG.large_reference_rows
 switches from chi-squared to Jensen-Shannon above this many baseline predictions."""
 TOLERANCE: Final = 1e-12
 
-_ALIAS: Final = re.compile(rf"^{ID_PATTERN}$")
+_ALIAS: Final = re.compile(rf"^{ID_PATTERN}\Z")
 _INCREASES: Final = ("max_error_rate_increase", "max_latency_increase")
 
 

@@ -115,8 +115,10 @@ SERIES: Final[Mapping[str, tuple[type[Counter] | type[Gauge], Labels, str]]] = {
 """Every series but the process's own: name (after ``conveyor_monitor_``; counters
 add ``_total``), kind, labels and help."""
 
-_VERSION: Final = re.compile(rf"^models/(?P<model>{ID_PATTERN})/versions/(?P<version>[1-9][0-9]*)$")
-_MODEL: Final = re.compile(rf"^models/(?P<model>{ID_PATTERN})$")
+_VERSION: Final = re.compile(
+    rf"^models/(?P<model>{ID_PATTERN})/versions/(?P<version>[1-9][0-9]*)\Z"
+)
+_MODEL: Final = re.compile(rf"^models/(?P<model>{ID_PATTERN})\Z")
 _SLO_SERIES: Final = ("slo_sli", "slo_goal", "slo_error_budget_remaining", "slo_met")
 _DRIFT_SERIES: Final = tuple(
     f"{kind}_{suffix}"

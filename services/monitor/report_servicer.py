@@ -26,6 +26,7 @@ from conveyor.services.monitor.windows import StoredWindow
 from conveyor.shared import names
 from conveyor.shared.errors import FailedPreconditionError, NotFoundError, invalid_field
 from conveyor.shared.registry_client import RegistryClient
+from conveyor.shared.wellknown import checked_microseconds
 from conveyor.shared.workers import WorkerThreads
 
 
@@ -157,8 +158,12 @@ class ReportServicer:
         which = selector.WhichOneof("selector")
         store = self._store
         if which == "time_range":
-            start = selector.time_range.start_time.ToMicroseconds()
-            end = selector.time_range.end_time.ToMicroseconds()
+            start = checked_microseconds(
+                selector.time_range.start_time, field="window.time_range.start_time"
+            )
+            end = checked_microseconds(
+                selector.time_range.end_time, field="window.time_range.end_time"
+            )
             if end <= start:
                 raise invalid_field("window.time_range", "end_time must be after start_time")
             window = pb.Window(closed=True)

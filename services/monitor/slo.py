@@ -24,6 +24,7 @@ import numpy.typing as npt
 from conveyor.monitor.v1 import resources_pb2 as pb
 from conveyor.shared.errors import FieldViolation, InvalidArgumentError, raise_if_any
 from conveyor.shared.names import parse_model_name, parse_model_version_ref
+from conveyor.shared.wellknown import to_timedelta
 
 DEFAULT_ROLLING_PERIOD: Final = timedelta(days=28)
 MIN_ROLLING_PERIOD: Final = timedelta(hours=1)
@@ -45,8 +46,9 @@ def check_slo(
         violations.append(
             FieldViolation(f"{field_prefix}.indicator", "required: LATENCY or AVAILABILITY")
         )
+    threshold = to_timedelta(slo.latency_threshold)
     if slo.indicator == pb.SERVICE_LEVEL_INDICATOR_LATENCY and not (
-        slo.HasField("latency_threshold") and slo.latency_threshold.ToTimedelta() > timedelta(0)
+        slo.HasField("latency_threshold") and threshold is not None and threshold > timedelta(0)
     ):
         violations.append(
             FieldViolation(
@@ -58,8 +60,9 @@ def check_slo(
         violations.append(
             FieldViolation(f"{field_prefix}.goal", f"a fraction in (0, 1), got {slo.goal}")
         )
+    period = to_timedelta(slo.rolling_period)
     if slo.HasField("rolling_period") and not (
-        MIN_ROLLING_PERIOD <= slo.rolling_period.ToTimedelta() <= MAX_ROLLING_PERIOD
+        period is not None and MIN_ROLLING_PERIOD <= period <= MAX_ROLLING_PERIOD
     ):
         violations.append(
             FieldViolation(f"{field_prefix}.rolling_period", "1 hour to 30 days when set")

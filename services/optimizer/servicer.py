@@ -52,7 +52,7 @@ WATCH_INTERVAL_S: Final = 0.25
 """Whole-job updates go to each watcher at most this often ("a few per second")."""
 PYTORCH_ONLY: Final = frozenset({pb.TECHNIQUE_ONNX_EXPORT, pb.TECHNIQUE_PRUNING})
 
-_RESULT_ID = re.compile(r"^[a-z0-9-]{1,63}$")
+_RESULT_ID = re.compile(r"^[a-z0-9-]{1,63}\Z")
 _REPORT = re.compile(
     r"^optimizationJobs/(?P<job>[a-z][a-z0-9-]{0,62})/reports/(?P<id>[a-z0-9-]{1,63})$"
 )

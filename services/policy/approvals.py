@@ -52,7 +52,7 @@ _APPROVAL = re.compile(
 _PARENT = re.compile(
     rf"^models/(?P<model>{ID_PATTERN}|-)/versions/(?P<version>[1-9][0-9]{{0,9}}|-)$"
 )
-_ALIAS = re.compile(rf"^{ID_PATTERN}$")
+_ALIAS = re.compile(rf"^{ID_PATTERN}\Z")
 _STATES = {"ACTIVE": pb.APPROVAL_STATE_ACTIVE, "REVOKED": pb.APPROVAL_STATE_REVOKED}
 FILTER_FIELDS = {
     "alias": FilterField(FieldKind.STRING),

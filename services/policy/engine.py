@@ -51,8 +51,8 @@ PRINCIPAL_KINDS: Final = {"user": "User", "service": "Service"}
 CONTEXT_ATTRIBUTES: Final = ("alias", "authn_method", "source_ip")
 """Context keys passed to Cedar; they match ``RequestContext`` in the schema."""
 
-_RESOURCE_TYPE = re.compile(r"^([a-z][a-z0-9_]*)\.conveyor\.dev/([A-Z][A-Za-z0-9_]*)$")
-_ACTION = re.compile(r"^[a-z][a-z0-9_]*\.[A-Z][A-Za-z0-9_]*$")
+_RESOURCE_TYPE = re.compile(r"^([a-z][a-z0-9_]*)\.conveyor\.dev/([A-Z][A-Za-z0-9_]*)\Z")
+_ACTION = re.compile(r"^[a-z][a-z0-9_]*\.[A-Z][A-Za-z0-9_]*\Z")
 
 
 class PolicyLoadError(Exception):

@@ -7,8 +7,6 @@ from collections.abc import AsyncIterator
 from datetime import datetime, timedelta
 from typing import Any
 
-from google.protobuf import json_format
-
 from conveyor.policy.v1 import policy_messages_pb2 as rpc
 from conveyor.policy.v1 import policy_service_pb2_grpc
 from conveyor.policy.v1 import resources_pb2 as pb
@@ -39,13 +37,14 @@ from conveyor.shared.errors import (
 from conveyor.shared.filtering import FieldKind, FilterField, parse_filter
 from conveyor.shared.pagination import page_size
 from conveyor.shared.secrets import SecretStore
+from conveyor.shared.wellknown import struct_to_dict
 from conveyor.shared.workers import WorkerThreads
 
 EXPORT_CHUNK = 200
 DEFAULT_DECISIONS_PAGE = 100
 
-_ACTION = re.compile(r"^[a-z][a-z0-9_]*\.[A-Z][A-Za-z0-9_]*$")
-_RESOURCE_TYPE = re.compile(r"^[a-z][a-z0-9_]*\.conveyor\.dev/[A-Z][A-Za-z0-9_]*$")
+_ACTION = re.compile(r"^[a-z][a-z0-9_]*\.[A-Z][A-Za-z0-9_]*\Z")
+_RESOURCE_TYPE = re.compile(r"^[a-z][a-z0-9_]*\.conveyor\.dev/[A-Z][A-Za-z0-9_]*\Z")
 _OUTCOMES = {"OUTCOME_ALLOW": "allow", "OUTCOME_DENY": "deny"}
 _KINDS = {
     "DECISION_KIND_AUTHORIZATION": "authorization",
@@ -69,7 +68,7 @@ _LIST_ARGUMENTS = {
 _DECISION_NAME = re.compile(
     r"^decisions/(?P<id>[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})$"
 )
-_POLICY_SET_NAME = re.compile(r"^policySets/(?P<id>[0-9a-fA-F]{64}|current)$")
+_POLICY_SET_NAME = re.compile(r"^policySets/(?P<id>[0-9a-fA-F]{64}|current)\Z")
 _ONE_MICROSECOND = timedelta(microseconds=1)
 _BREAK_KINDS = {
     "changed": pb.CHAIN_BREAK_KIND_MODIFIED,
@@ -118,7 +117,7 @@ class PolicyServicer(policy_service_pb2_grpc.PolicyServiceServicer):
                 "expected {service}.conveyor.dev/{Kind}, e.g. registry.conveyor.dev/Model",
             )
         resource = Resource.from_proto(request.resource)
-        facts = json_format.MessageToDict(request.context)
+        facts = struct_to_dict(request.context, field="context")
         decision, record = await self._recorder.authorize(
             principal, request.action, resource, facts, caller=caller(context).text
         )

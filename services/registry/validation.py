@@ -42,8 +42,8 @@ VERSION_UPDATABLE = frozenset(
     {"description", "labels", "model_card", "reference_statistics", "deployment_block"}
 )
 
-_LABEL_KEY = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_LABEL_KEY = re.compile(r"^[a-z][a-z0-9_-]{0,62}\Z")
+_SHA256 = re.compile(r"^[0-9a-f]{64}\Z")
 _ONNX_FORMATS = {
     pb.MODEL_FORMAT_ONNX_FP32,
     pb.MODEL_FORMAT_ONNX_FP16,

@@ -57,8 +57,8 @@ MAX_LABEL_VALUE_CHARS: Final = 63
 DEFAULT_PROGRESS_INTERVAL_S: Final = 0.5
 MIN_PROGRESS_INTERVAL_S: Final = 0.05
 
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
-_LABEL_KEY = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}\Z")
+_LABEL_KEY = re.compile(r"^[a-z][a-z0-9_-]{0,62}\Z")
 
 
 def _enum_names(values: Sequence[str], prefix: str) -> frozenset[str]:

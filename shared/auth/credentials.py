@@ -59,7 +59,7 @@ DEV_USERS: Final = (
 )
 """The local users ``conveyor up`` issues tokens to: one per role."""
 
-_FILE_STEM = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+_FILE_STEM = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}\Z")
 
 POLICY_SERVICE: Final = policy_service_pb2.DESCRIPTOR.services_by_name["PolicyService"]
 

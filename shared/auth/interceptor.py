@@ -67,7 +67,7 @@ OPEN_METHOD_PREFIXES: Final = (
 Inference Protocol's, which load balancers and Triton clients poll) and server
 reflection."""
 
-_ALIAS_NAME = re.compile(r"^models/[^/]+/aliases/([^/]+)$")
+_ALIAS_NAME = re.compile(r"^models/[^/]+/aliases/([^/]+)\Z")
 
 if TYPE_CHECKING:  # grpc-stubs makes these generic; at run time they are not
     _ServerInterceptor = grpc.aio.ServerInterceptor[Any, Any]

@@ -19,11 +19,10 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from google.protobuf import json_format
-
 from conveyor.policy.v1 import resources_pb2
 from conveyor.registry.v1 import resources_pb2 as registry_pb
 from conveyor.shared.errors import FieldViolation, InvalidArgumentError
+from conveyor.shared.wellknown import struct_to_dict
 
 MAX_PRINCIPAL_ID_CHARS: Final = 256
 """Longest principal id accepted (the contract's limit)."""
@@ -113,11 +112,12 @@ class Resource:
         return message
 
     @classmethod
-    def from_proto(cls, message: resources_pb2.Resource) -> Resource:
-        """The resource ``message`` describes (Struct numbers come back as floats)."""
+    def from_proto(cls, message: resources_pb2.Resource, *, field: str = "resource") -> Resource:
+        """The resource ``message`` describes (Struct numbers come back as floats);
+        INVALID_ARGUMENT (naming ``field``) for an attribute that is NaN or infinite."""
         attributes: dict[str, Any] = {}
         if message.HasField("attributes"):
-            attributes = json_format.MessageToDict(message.attributes)
+            attributes = struct_to_dict(message.attributes, field=f"{field}.attributes")
         return cls(
             type=message.type,
             name=message.name,

@@ -64,7 +64,7 @@ MAX_TOKEN_CHARS: Final = 8192
 REQUIRED_CLAIMS: Final = ("iss", "sub", "aud", "iat", "nbf", "exp", "jti")
 """Claims a token must carry to be accepted."""
 
-_KID = re.compile(r"^v(\d{1,12})-([0-9a-f]{8})$")
+_KID = re.compile(r"^v(\d{1,12})-([0-9a-f]{8})\Z")
 _SETTLE = timedelta(milliseconds=100)
 
 

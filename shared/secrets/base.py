@@ -42,8 +42,8 @@ DIGEST_BYTES = 32
 KeyType = Literal["aes256-gcm96", "ed25519", "ecdsa-p256"]
 """Key types :meth:`SecretStore.ensure_key` creates (Vault Transit's names)."""
 
-_KEY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")
-_SECRET_PATH = re.compile(r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*$")
+_KEY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}\Z")
+_SECRET_PATH = re.compile(r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*\Z")
 
 
 class SignatureAlgorithm(StrEnum):

@@ -66,7 +66,7 @@ _PREFIX = "local"
 _NONCE_BYTES = 12
 _AES_KEY_BYTES = 32
 _LOCAL_TYPES: tuple[KeyType, ...] = ("aes256-gcm96", "ed25519")
-_KEY_ID = re.compile(rf"^{_PREFIX}/[0-9a-f]{{64}}$")
+_KEY_ID = re.compile(rf"^{_PREFIX}/[0-9a-f]{{64}}\Z")
 
 
 class InsecureSecretFileError(FailedPreconditionError):

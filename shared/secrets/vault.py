@@ -72,7 +72,7 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 KEY_ID_PREFIX = "vault-transit"
-_VAULT_VALUE = re.compile(r"^vault:v(?P<version>[1-9][0-9]*):(?P<body>[A-Za-z0-9+/=]+)$")
+_VAULT_VALUE = re.compile(r"^vault:v(?P<version>[1-9][0-9]*):(?P<body>[A-Za-z0-9+/=]+)\Z")
 
 
 @dataclass(frozen=True)

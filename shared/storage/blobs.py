@@ -42,7 +42,7 @@ from conveyor.shared.storage.encryption import (
 )
 from conveyor.shared.storage.files import fsync_directory, process_alive
 
-SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+SHA256_HEX = re.compile(r"^[0-9a-f]{64}\Z")
 """A SHA-256 digest as the store names blobs: 64 lowercase hex characters."""
 DEFAULT_CHUNK_BYTES = 1024 * 1024
 ENCRYPTED_SUFFIX = ".enc"

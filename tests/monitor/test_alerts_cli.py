@@ -304,7 +304,7 @@ async def test_watch_resumes_across_a_monitor_restart_and_stops_on_ctrl_c(suite:
     port = suite.parts.server.port
     watch = await asyncio.create_subprocess_exec(
         sys.executable, "-c", SCRIPT, "alerts", "watch", "--json", "--monitor", f"127.0.0.1:{port}",
-        cwd=ROOT, env=os.environ.copy(),
+        cwd=ROOT, env={**os.environ, "PYTHONFAULTHANDLER": "1"},
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
     assert watch.stdout is not None
@@ -328,7 +328,14 @@ async def test_watch_resumes_across_a_monitor_restart_and_stops_on_ctrl_c(suite:
                 await stub.AcknowledgeAlert(request, timeout=10)
             acknowledged = await next_event()
             watch.send_signal(signal.SIGINT)
-            code = await asyncio.wait_for(watch.wait(), 30)
+            try:
+                code = await asyncio.wait_for(watch.wait(), 60)
+            except TimeoutError:
+                # Hung: SIGABRT makes faulthandler print every thread's stack.
+                watch.send_signal(signal.SIGABRT)
+                await watch.wait()
+                stacks = (await watch.stderr.read()).decode()  # type: ignore[union-attr]
+                pytest.fail(f"the watch did not exit on SIGINT; its stacks:\n{stacks}")
         finally:
             await restarted.server.shutdown()
     finally:
